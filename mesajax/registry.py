@@ -1,0 +1,58 @@
+"""Registries: task families and optimizers are picked by name from the config.
+
+Adding one is a new file and a line in ``TASKS`` or ``OPTIMIZERS`` below. Modules are imported
+lazily so that, for example, the digits family's optional scikit-learn dependency is only needed
+when it is asked for.
+"""
+from __future__ import annotations
+
+import importlib
+from typing import Any, Mapping
+
+# name -> "module:ClassName"
+TASKS: dict[str, str] = {
+    "quadratic": "mesajax.tasks.quadratic:Quadratic",
+    "linreg": "mesajax.tasks.regression:LinearRegression",
+    "logreg": "mesajax.tasks.regression:LogisticRegression",
+    "mlp": "mesajax.tasks.mlp:TeacherMLP",
+    "digits": "mesajax.tasks.digits:Digits",
+}
+
+OPTIMIZERS: dict[str, str] = {
+    "sgd": "mesajax.optimizers.baselines:SGD",
+    "sgdm": "mesajax.optimizers.baselines:SGDM",
+    "adam": "mesajax.optimizers.baselines:Adam",
+    "rmsprop": "mesajax.optimizers.baselines:RMSProp",
+    "mlp_lopt": "mesajax.optimizers.mlp_lopt:MLPLOpt",
+    "rnn_lopt": "mesajax.optimizers.rnn_lopt:RNNLOpt",
+}
+
+
+def _load(table: Mapping[str, str], kind: str, name: str):
+  if name not in table:
+    raise ValueError(f"unknown {kind} {name!r}; known: {sorted(table)}")
+  module, cls = table[name].split(":")
+  return getattr(importlib.import_module(module), cls)
+
+
+def _build(table, kind, name, kwargs):
+  cls = _load(table, kind, name)
+  kwargs = dict(kwargs or {})
+  import dataclasses
+  known = {f.name for f in dataclasses.fields(cls)}
+  unknown = sorted(set(kwargs) - known)
+  if unknown:
+    raise ValueError(f"{kind} {name!r} has no option(s) {unknown}; options: {sorted(known)}")
+  obj = cls(**kwargs)
+  obj.validate()
+  return obj
+
+
+def make_task_family(name: str, kwargs: Mapping[str, Any] | None = None):
+  """Builds and validates a task family by name, e.g. ``make_task_family('quadratic', {'dim': 10})``."""
+  return _build(TASKS, "task family", name, kwargs)
+
+
+def make_optimizer(name: str, kwargs: Mapping[str, Any] | None = None):
+  """Builds and validates an optimizer by name, e.g. ``make_optimizer('adam', {'learning_rate': 1e-2})``."""
+  return _build(OPTIMIZERS, "optimizer", name, kwargs)

@@ -1,0 +1,109 @@
+"""The task-family interface.
+
+A *task family* is a distribution over inner problems. Everything is a pure function of pytrees, so a
+family can be vmapped over tasks and jitted: ``sample(key) -> task`` returns a pytree holding the
+task's parameters and data; ``init(key, task) -> params`` an initial point; the losses take
+``(params, task[, key])``. Minibatches are drawn inside jit from the task's own data with ``key``:
+there is no Python data loader in the hot path.
+
+Families are frozen dataclasses whose fields are the *knobs* (dimension, conditioning, noise, ...).
+A shifted family is ``family.replace(**overrides)``: a config change, not new code. Knob values are
+static (hashable) so a family can be closed over by ``jax.jit``.
+
+Interface in the style of learned_optimization's ``TaskFamily`` / ``Task`` (Metz et al. 2022), with
+the inner/outer objective split made explicit: ``train_loss`` is what the inner optimizer sees,
+``outer_loss`` is the held-out (validation) loss of the same task that meta-training may target.
+"""
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, Callable, Mapping
+
+import jax
+import jax.numpy as jnp
+
+PyTree = Any
+Array = jax.Array
+
+
+@dataclasses.dataclass(frozen=True)
+class TaskFamily:
+  """Base class. Subclasses are frozen dataclasses whose fields are the family's knobs.
+
+  Subclasses implement ``sample``, ``init``, ``train_loss``, ``outer_loss``,
+  ``train_loss_full`` and ``outer_loss_full``; they may override ``proxies`` and ``validate``.
+  """
+
+  name = "base"
+
+  # --- the interface -------------------------------------------------------------------------
+  def sample(self, key: Array) -> PyTree:
+    """Draws one task: a pytree of arrays (task parameters and data)."""
+    raise NotImplementedError
+
+  def init(self, key: Array, task: PyTree) -> PyTree:
+    """Initial inner parameters for ``task``."""
+    raise NotImplementedError
+
+  def train_loss(self, params: PyTree, task: PyTree, key: Array) -> Array:
+    """Stochastic (minibatch / noisy-gradient) training loss, the inner objective."""
+    raise NotImplementedError
+
+  def outer_loss(self, params: PyTree, task: PyTree, key: Array) -> Array:
+    """Held-out (validation) loss estimate of the same task; may be stochastic."""
+    return self.outer_loss_full(params, task)
+
+  def train_loss_full(self, params: PyTree, task: PyTree) -> Array:
+    """Deterministic full-batch training loss (for analyses)."""
+    raise NotImplementedError
+
+  def outer_loss_full(self, params: PyTree, task: PyTree) -> Array:
+    """Deterministic full-batch outer (validation) loss (for analyses and evaluation)."""
+    raise NotImplementedError
+
+  def proxies(self) -> Mapping[str, Callable[[PyTree, PyTree], Array]]:
+    """Task-specific scalar proxies ``phi(params, task)`` for the implicit-objective dictionary.
+
+    The generic terms (train loss, outer loss, l2, l2_init, grad_norm_sq) are added by the
+    analysis; families add the proxies that can part ways with the outer objective.
+    """
+    return {}
+
+  def validate(self) -> None:
+    """Raises ``ValueError`` with a one-line message when a knob is out of range."""
+
+  # --- helpers -----------------------------------------------------------------------------
+  def replace(self, **overrides) -> "TaskFamily":
+    """A shifted family: the same family with some knobs changed (validated)."""
+    known = {f.name for f in dataclasses.fields(self)}
+    unknown = sorted(set(overrides) - known)
+    if unknown:
+      raise ValueError(f"task family {self.name!r} has no knob(s) {unknown}; knobs: {sorted(known)}")
+    out = dataclasses.replace(self, **overrides)
+    out.validate()
+    return out
+
+  def knobs(self) -> dict:
+    return dataclasses.asdict(self)
+
+  def sample_batch(self, key: Array, n: int) -> PyTree:
+    return jax.vmap(self.sample)(jax.random.split(key, n))
+
+
+def random_rotation(key: Array, dim: int, dtype=jnp.float32) -> Array:
+  """A Haar-random orthogonal matrix (QR of a Gaussian matrix with the sign fix of Mezzadri 2007)."""
+  g = jax.random.normal(key, (dim, dim), dtype)
+  q, r = jnp.linalg.qr(g)
+  return q * jnp.sign(jnp.diagonal(r))[None, :]
+
+
+def log_uniform(key: Array, shape, low: float, high: float, dtype=jnp.float32) -> Array:
+  """Samples log-uniformly in [low, high]."""
+  u = jax.random.uniform(key, shape, dtype)
+  return jnp.exp(jnp.log(low) + u * (jnp.log(high) - jnp.log(low)))
+
+
+def check(cond: bool, msg: str) -> None:
+  """Knob validation: raise a one-line ``ValueError``."""
+  if not cond:
+    raise ValueError(msg)
