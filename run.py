@@ -45,10 +45,11 @@ def _config_path(argv):
 def _unknown_override(path, argv):
   """The first ``--config.a.b=v`` whose key the config file does not define, if any."""
   import importlib.util
+  path, _, arg = path.partition(":")
   spec = importlib.util.spec_from_file_location("_mesajax_config", path)
   module = importlib.util.module_from_spec(spec)
   spec.loader.exec_module(module)
-  config = module.get_config()
+  config = module.get_config(arg) if arg else module.get_config()
   for a in argv:
     if a.startswith("--config.") and "=" in a:
       node = config
@@ -64,13 +65,15 @@ def parse(argv):
   if path is None:
     path = os.path.join(HERE, "configs", "quickstart.py")
     argv = argv[:1] + [f"--config={path}"] + argv[1:]
-  if not os.path.isfile(path):
-    fail(f"config file {path} does not exist")
+  if not os.path.isfile(path.split(":")[0]):
+    fail(f"config file {path.split(':')[0]} does not exist")
   try:
     rest = FLAGS(argv)
     FLAGS.config  # the config module is loaded lazily: force it (and its overrides) now
   except flags.Error as e:
-    fail(str(e).splitlines()[0])
+    lines = [line.strip() for line in str(e).splitlines() if line.strip()]
+    # A config file that raised: its own last line (e.g. "ValueError: ...") says what is wrong.
+    fail(f"{lines[0]} {lines[-1]}" if "Traceback" in str(e) else " ".join(lines)[:500])
   except Exception as e:  # a bad override, a config file that fails to import, no get_config()
     try:
       unknown = _unknown_override(path, argv)

@@ -3,16 +3,21 @@
 Launch (the README's main job; also what ``python run.py`` with no arguments runs):
   python run.py --config configs/quickstart.py --workdir runs/quickstart
 Expected runtime: about 3 minutes on a 2-core CPU (meta-train, evaluate, analyse, report).
-CI size: ``--config.smoke=True`` shrinks everything to a few seconds.
+CI size: ``--config configs/quickstart.py:smoke`` shrinks everything to a few seconds.
 """
 import ml_collections
 
+from mesajax.config import get_config_with_arg
 
-def get_config():
+
+def get_config(arg=None):
+  return get_config_with_arg(_config, arg)
+
+
+def _config():
   c = ml_collections.ConfigDict()
   c.name = "quickstart"  # the learned optimizer's name in result rows
   c.seed = 0
-  c.smoke = False  # True: tiny sizes for CI / tests
 
   # Task family, by registry name, with its knobs (see mesajax/tasks/*.py).
   c.task = ml_collections.ConfigDict()

@@ -1,8 +1,7 @@
 """Config resolution and validation: every user mistake becomes a one-line ``ValueError`` before
 anything compiles.
 
-``resolve(config)`` applies ``config.smoke`` (tiny sizes for CI and tests), checks every field's
-range, builds the task family, the optimizer and the splits once (so unknown names and knobs fail
+``resolve(config)`` checks every field's range, builds the task family, the optimizer and the splits once (so unknown names and knobs fail
 here), and returns the resolved config, locked against new keys.
 """
 from __future__ import annotations
@@ -21,6 +20,22 @@ SMOKE = {
     "analysis.num_tasks": 3, "analysis.num_steps": 10, "analysis.num_points": 2,
     "analysis.num_probes": 8, "analysis.n_boot": 50,
 }
+
+def get_config_with_arg(make, arg):
+  """Config-file helper: ``get_config(arg)`` with ``arg`` in (None, "", "smoke").
+
+  ``configs/NAME.py:smoke`` (big_vision's ``runlocal`` idea) shrinks every size for a CPU smoke
+  run in seconds; ``--config.key=value`` overrides still apply on top.
+  """
+  config = make()
+  if arg in (None, ""):
+    return config
+  if arg != "smoke":
+    raise ValueError(f"unknown config argument {arg!r}; the only one is 'smoke'")
+  for dotted, value in SMOKE.items():
+    _set(config, dotted, value)
+  return config
+
 
 # Fields that may change when a run resumes (they do not change what has been computed).
 RESUMABLE = ("meta.num_outer_steps", "meta.log_every", "meta.checkpoint_every")
@@ -71,11 +86,8 @@ def _choice(config, dotted, choices):
 
 
 def resolve(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
-  """Applies ``smoke`` sizes, validates every field and returns a locked copy."""
+  """Validates every field and returns a locked copy."""
   config = ml_collections.ConfigDict(config.to_dict())
-  if config.get("smoke", False):
-    for dotted, value in SMOKE.items():
-      _set(config, dotted, value)
   if not isinstance(config.get("name"), str) or not config.name:
     raise ValueError("config.name must be a non-empty string (the learned optimizer's row name)")
   if config.name in ("sgd", "sgdm", "adam", "rmsprop"):

@@ -82,6 +82,14 @@ class Estimator(NamedTuple):
   def _finish(self, ts):
     return self._c(jax.vmap(mark_nonfinite_done, in_axes=(0, None))(ts, self.unroller.horizon))
 
+  def _antithetic_unroll(self, phi_pos, phi_neg, ts_pos, ts_neg, data_keys):
+    """Both branches as one vmapped unroll over 2 × num_tasks (wider, better-vectorised matmuls)."""
+    cat = lambda a, b: jax.tree.map(lambda x, y: jnp.concatenate([x, y]), a, b)
+    half = lambda t, i: jax.tree.map(lambda x: x[i * self.num_tasks:(i + 1) * self.num_tasks], t)
+    unroll = jax.vmap(self.unroller.unroll, in_axes=(0, 0, 0))
+    new, losses = unroll(cat(phi_pos, phi_neg), cat(ts_pos, ts_neg), cat(data_keys, data_keys))
+    return (half(new, 0), half(new, 1)), (losses[:self.num_tasks], losses[self.num_tasks:])
+
   def estimate(self, phi, state, key):
     k_data, k_eps = jax.random.split(key)
     data_keys = jax.random.split(k_data, self.num_tasks)
@@ -97,14 +105,12 @@ class Estimator(NamedTuple):
 
     eps = self._c(jax.vmap(lambda k: _tree_normal(k, phi, self.sigma))(
         jax.random.split(k_eps, self.num_tasks)))
-    unroll = jax.vmap(self.unroller.unroll, in_axes=(0, 0, 0))
     phi_b = jax.tree.map(lambda p: jnp.broadcast_to(p, (self.num_tasks,) + p.shape), phi)
     phi_pos, phi_neg = _add(phi_b, eps), _add(phi_b, eps, -1.0)
 
     if self.kind == "es":
       ts, _ = self._reset(phi, state)
-      new_pos, l_pos = unroll(phi_pos, ts, data_keys)
-      _, l_neg = unroll(phi_neg, ts, data_keys)
+      (new_pos, _), (l_pos, l_neg) = self._antithetic_unroll(phi_pos, phi_neg, ts, ts, data_keys)
       grad = _weighted_mean(eps, (l_pos - l_neg) / (2 * self.sigma ** 2))
       return self._finish(new_pos), jnp.mean(0.5 * (l_pos + l_neg)), grad, {}
 
@@ -113,8 +119,7 @@ class Estimator(NamedTuple):
     neg, _ = self._reset(phi, state.neg)
     xi = jax.tree.map(lambda x, e: jnp.where(done.reshape((-1,) + (1,) * (x.ndim - 1)), 0, x) + e,
                       state.xi, eps)
-    pos, l_pos = unroll(phi_pos, pos, data_keys)
-    neg, l_neg = unroll(phi_neg, neg, data_keys)
+    (pos, neg), (l_pos, l_neg) = self._antithetic_unroll(phi_pos, phi_neg, pos, neg, data_keys)
     grad = _weighted_mean(xi, (l_pos - l_neg) / (2 * self.sigma ** 2))
     pos, neg = self._finish(pos), self._finish(neg)
     # A particle whose either branch went non-finite restarts both branches together.
