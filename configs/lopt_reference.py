@@ -28,7 +28,7 @@ def _config():
   c.task.name = "quadratic"
   c.task.kwargs = ml_collections.ConfigDict(
       {"dim": 10, "eig_max": 2.0, "cond": 1.0, "rotate": False, "optimum_scale": 1.0,
-       "init_scale": 0.0})
+       "init_scale": 1.0})  # learned_optimization draws theta_0 ~ N(0, I)
   c.optimizer.name = "mlp_lopt"
   c.meta.num_tasks = 32
   c.meta.horizon = 1000

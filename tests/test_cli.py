@@ -1,0 +1,65 @@
+"""The command line: clear one-line errors before anything compiles, and the smoke-size main job."""
+import json
+import os
+import time
+
+import pytest
+
+from helpers import ROOT, run_cli
+
+QUICK = os.path.join(ROOT, "configs", "quickstart.py")
+
+BAD = [
+    (["--config.meta.foo=1"], "unknown config key 'meta.foo'"),
+    (["--config", "configs/does_not_exist.py"], "does not exist"),
+    (["--config.meta.horizon=7"], "multiple of"),
+    (["--config.meta.horizon=abc"], "invalid literal"),
+    (["--config.meta.outer_lr=-1.0"], "outer_lr must be > 0"),
+    (["--config.meta.estimator=sgd"], "estimator must be one of"),
+    (["--config.task.name=nope"], "unknown task family 'nope'"),
+    (["--config.optimizer.name=nope"], "unknown optimizer 'nope'"),
+    (["--config.task.kwargs.dim=0"], "dim"),
+    (["--config", f"{QUICK}:smok"], "unknown config argument"),
+    (["bogus"], "unknown command"),
+    (["analyze", "--workdir", "/nonexistent/dir"], "does not exist"),
+    (["evaluate"], "needs --workdir"),
+]
+
+
+@pytest.mark.parametrize("args,message", BAD)
+def test_bad_input_is_one_clear_line(args, message):
+  t0 = time.perf_counter()
+  proc = run_cli(*args)
+  assert proc.returncode == 2
+  lines = [l for l in proc.stderr.splitlines() if l.strip()]
+  assert len(lines) == 1 and lines[0].startswith("error: "), proc.stderr
+  assert message in lines[0]
+  assert "Traceback" not in proc.stdout + proc.stderr
+  assert time.perf_counter() - t0 < 60
+
+
+def test_missing_checkpoint_and_unknown_split(tmp_path):
+  (tmp_path / "config.json").write_text("{}")
+  proc = run_cli("analyze", "--workdir", str(tmp_path))
+  assert proc.returncode == 2 and proc.stderr.startswith("error: ")
+
+
+def test_smoke_main_job_end_to_end(tmp_path):
+  """``run.py`` at smoke size: train → evaluate → analyse → report, then a refused reuse."""
+  workdir = str(tmp_path / "run")
+  proc = run_cli("--config", f"{QUICK}:smoke", "--workdir", workdir, "--noprogress", timeout=600)
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  rows = [json.loads(l) for l in open(os.path.join(workdir, "results.jsonl"))]
+  evals = {(r["optimizer"], r["metric"]) for r in rows
+           if r["analysis"] == "eval" and r["split"] == "heldout"}
+  for opt in ("quickstart", "sgd", "sgdm", "adam"):
+    for metric in ("final_outer_loss", "mean_outer_loss", "diverged_frac"):
+      assert (opt, metric) in evals
+  analyses = {r["analysis"] for r in rows}
+  assert {"nci", "transverse", "nci_metric", "objective_fit", "endpoint_fit",
+          "alignment"} <= analyses
+  assert os.path.exists(os.path.join(workdir, "report.md"))
+  assert os.listdir(os.path.join(workdir, "figures"))
+  # Same directory, another config: refused with one line.
+  proc = run_cli("--config", f"{QUICK}:smoke", "--config.meta.horizon=10", "--workdir", workdir)
+  assert proc.returncode == 2 and "another config" in proc.stderr
