@@ -16,6 +16,7 @@ import ml_collections
 
 from configs import quickstart
 from mesajax.config import get_config_with_arg
+from mesajax.registry import task_kwargs
 
 
 def get_config(arg=None):
@@ -26,9 +27,9 @@ def _config():
   c = quickstart.get_config()
   c.name = "lopt_reference"
   c.task.name = "quadratic"
-  c.task.kwargs = ml_collections.ConfigDict(
-      {"dim": 10, "eig_max": 2.0, "cond": 1.0, "rotate": False, "optimum_scale": 1.0,
-       "init_scale": 1.0})  # learned_optimization draws theta_0 ~ N(0, I)
+  c.task.kwargs = ml_collections.ConfigDict(task_kwargs(
+      "quadratic", dim=10, eig_max=2.0, cond=1.0, rotate=False, optimum_scale=1.0,
+      init_scale=1.0, noise=0.0))  # learned_optimization draws theta_0 ~ N(0, I)
   c.optimizer.name = "mlp_lopt"
   c.meta.num_tasks = 32
   c.meta.horizon = 1000

@@ -8,6 +8,7 @@ CI size: ``--config configs/quickstart.py:smoke`` shrinks everything to a few se
 import ml_collections
 
 from mesajax.config import get_config_with_arg
+from mesajax.registry import optimizer_kwargs, task_kwargs
 
 
 def get_config(arg=None):
@@ -22,12 +23,13 @@ def _config():
   # Task family, by registry name, with its knobs (see mesajax/tasks/*.py).
   c.task = ml_collections.ConfigDict()
   c.task.name = "quadratic"
-  c.task.kwargs = ml_collections.ConfigDict({"dim": 10, "cond": 10.0})
+  # Every knob is listed (defaults from the family), so any can be set from the command line.
+  c.task.kwargs = ml_collections.ConfigDict(task_kwargs("quadratic", dim=10, cond=10.0, noise=1.0))
 
   # Optimizer to meta-train, by registry name, with its static options.
   c.optimizer = ml_collections.ConfigDict()
   c.optimizer.name = "mlp_lopt"
-  c.optimizer.kwargs = ml_collections.ConfigDict({})
+  c.optimizer.kwargs = ml_collections.ConfigDict(optimizer_kwargs("mlp_lopt"))
 
   # Meta-training (mesajax/meta/).
   c.meta = ml_collections.ConfigDict()

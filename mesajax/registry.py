@@ -56,3 +56,26 @@ def make_task_family(name: str, kwargs: Mapping[str, Any] | None = None):
 def make_optimizer(name: str, kwargs: Mapping[str, Any] | None = None):
   """Builds and validates an optimizer by name, e.g. ``make_optimizer('adam', {'learning_rate': 1e-2})``."""
   return _build(OPTIMIZERS, "optimizer", name, kwargs)
+
+
+def _defaults(table, kind, name, overrides):
+  import dataclasses
+  cls = _load(table, kind, name)
+  fields = {f.name: f.default for f in dataclasses.fields(cls)
+            if f.default is not dataclasses.MISSING}
+  unknown = sorted(set(overrides) - set(fields))
+  if unknown:
+    raise ValueError(f"{kind} {name!r} has no option(s) {unknown}; options: {sorted(fields)}")
+  fields.update(overrides)
+  return fields
+
+
+def task_kwargs(name: str, **overrides) -> dict:
+  """Every knob of a task family with its default (and ``overrides``): for configs, so that any
+  knob can be set from the command line with ``--config.task.kwargs.KNOB=value``."""
+  return _defaults(TASKS, "task family", name, overrides)
+
+
+def optimizer_kwargs(name: str, **overrides) -> dict:
+  """Every option of an optimizer with its default (and ``overrides``), for configs."""
+  return _defaults(OPTIMIZERS, "optimizer", name, overrides)

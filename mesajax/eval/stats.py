@@ -1,0 +1,111 @@
+"""Statistics over tasks: percentile bootstrap confidence intervals and the divergence criterion.
+
+Percentile bootstrap (Efron & Tibshirani 1993, ch. 13): resample the n per-task values with
+replacement B times, compute the statistic on each resample, and report the alpha/2 and 1 - alpha/2
+quantiles of the B statistics as the (1 - alpha) interval around the statistic of the original sample.
+
+Non-finite values. Every quantity bootstrapped here is a loss (lower is better) or a 0/1 indicator,
+and a non-finite loss means the run blew up. ``bootstrap_ci`` therefore maps every non-finite value
+(NaN, +inf, -inf) to ``+inf`` *explicitly* instead of dropping it: one diverged task makes the mean
+``+inf`` and the interval reflects how often a resample contains such a task (``ci_high = +inf`` as
+soon as more than alpha/2 of the resamples do; ``ci_low`` stays finite while fewer than 1 - alpha/2
+do). The companion metric ``diverged_frac`` (see ``diverged``) counts the same tasks as a fraction,
+with a finite interval. Result rows store +inf as 1e308 (``mesajax.report.rows._clean``); reports
+print it as ``inf``.
+"""
+from __future__ import annotations
+
+from typing import Callable
+
+import numpy as np
+
+
+def as_loss_array(values) -> np.ndarray:
+  """float64 copy of ``values`` with every non-finite entry replaced by ``+inf`` (a failed run)."""
+  x = np.asarray(values, dtype=np.float64).reshape(-1).copy()
+  x[~np.isfinite(x)] = np.inf
+  return x
+
+
+def _resample_stats(x_N: np.ndarray, idx_BxN: np.ndarray, stat: Callable) -> np.ndarray:
+  samples_BxN = x_N[idx_BxN]
+  try:
+    out = np.asarray(stat(samples_BxN, axis=1), dtype=np.float64)
+    if out.shape == (idx_BxN.shape[0],):
+      return out
+  except TypeError:  # a statistic without an ``axis`` argument
+    pass
+  return np.array([stat(s) for s in samples_BxN], dtype=np.float64)
+
+
+def _quantiles(stats_B: np.ndarray, qs) -> np.ndarray:
+  """Quantiles of the bootstrap statistics; without interpolation when some are +inf.
+
+  Linear interpolation between +inf and a finite neighbour gives NaN (inf * 0), so if any
+  resample's statistic is non-finite, use the inverted empirical CDF (Hyndman & Fan type 1).
+  """
+  s = np.where(np.isfinite(stats_B), stats_B, np.inf)
+  method = "linear" if np.all(np.isfinite(s)) else "inverted_cdf"
+  return np.quantile(s, qs, method=method)
+
+
+def bootstrap_ci(values, n_boot: int = 1000, seed: int = 0, stat: Callable = np.mean,
+                 alpha: float = 0.05) -> tuple[float, float, float]:
+  """Percentile bootstrap over tasks: ``(stat(values), lo, hi)`` with a ``1 - alpha`` interval.
+
+  ``values`` holds one number per task; non-finite entries count as ``+inf`` (module docstring).
+  ``stat`` is applied along ``axis=1`` of a ``[n_boot, n]`` matrix of resamples when it accepts
+  ``axis`` (``np.mean``, ``np.median``), else once per resample. Deterministic in ``seed``. With
+  one value the interval collapses to it.
+  """
+  x_N = as_loss_array(values)
+  n = x_N.shape[0]
+  if n == 0:
+    raise ValueError("bootstrap_ci needs at least one value")
+  if not 0.0 < alpha < 1.0:
+    raise ValueError(f"alpha must be in (0, 1), got {alpha}")
+  if n_boot < 1:
+    raise ValueError(f"n_boot must be >= 1, got {n_boot}")
+  with np.errstate(invalid="ignore", over="ignore"):
+    value = float(stat(x_N))
+    if n == 1:
+      return value, value, value
+    rng = np.random.default_rng(seed)
+    idx_BxN = rng.integers(0, n, size=(n_boot, n))
+    stats_B = _resample_stats(x_N, idx_BxN, stat)
+  lo, hi = _quantiles(stats_B, [alpha / 2, 1 - alpha / 2])
+  return value, float(lo), float(hi)
+
+
+def bootstrap_mean_curve(curves_NxP, n_boot: int = 1000, seed: int = 0, alpha: float = 0.05):
+  """Mean over tasks of a ``[n_tasks, n_points]`` curve with per-point percentile bootstrap CIs.
+
+  The same task resamples are used at every point (a resample is a set of tasks), computed as one
+  matrix product of resample counts with the curves. Points where some task is non-finite are
+  bootstrapped by ``bootstrap_ci`` (non-finite -> +inf). Returns ``(mean_P, lo_P, hi_P)``.
+  """
+  c = np.asarray(curves_NxP, dtype=np.float64)
+  n, p = c.shape
+  finite_P = np.all(np.isfinite(c), axis=0)
+  mean_P = np.full(p, np.inf)
+  mean_P[finite_P] = c[:, finite_P].mean(axis=0)
+  lo_P, hi_P = mean_P.copy(), mean_P.copy()
+  if n > 1:
+    rng = np.random.default_rng(seed)
+    idx_BxN = rng.integers(0, n, size=(n_boot, n))
+    counts_BxN = np.zeros((n_boot, n))
+    np.add.at(counts_BxN, (np.arange(n_boot)[:, None], idx_BxN), 1.0)
+    boot_BxP = counts_BxN @ np.where(np.isfinite(c), c, 0.0) / n
+    lo_P, hi_P = np.quantile(boot_BxP, [alpha / 2, 1 - alpha / 2], axis=0)
+    lo_P, hi_P = np.where(finite_P, lo_P, np.inf), np.where(finite_P, hi_P, np.inf)
+    for j in np.flatnonzero(~finite_P):
+      _, lo_P[j], hi_P[j] = bootstrap_ci(c[:, j], n_boot=n_boot, seed=seed, alpha=alpha)
+  return mean_P, lo_P, hi_P
+
+
+def diverged(initial, final) -> np.ndarray:
+  """Per-task divergence: the final outer loss is above the initial one, or is not finite."""
+  initial = np.asarray(initial, dtype=np.float64)
+  final = np.asarray(final, dtype=np.float64)
+  with np.errstate(invalid="ignore"):
+    return ~np.isfinite(final) | (final > initial)

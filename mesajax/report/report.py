@@ -1,0 +1,267 @@
+"""``DIR/report.md`` generated from a run directory's rows: no number is typed by hand.
+
+Inputs: ``DIR/results.jsonl`` (tidy rows, ``mesajax.report.rows``), ``DIR/metrics.jsonl``
+(meta-training log rows: ``outer_step``, ``meta_loss``, ``skipped``, ``time_s``, ...),
+``DIR/config.json`` (resolved config) and ``DIR/meta.json`` (versions), the last two optional.
+When a row is written twice (an evaluation re-run after a resume appends again), the last one wins.
+
+Sections: a header (config, task family, optimizer, seed, versions), meta-training summary and
+curve, one held-out evaluation table per split (optimizers x metrics, 95% bootstrap CIs over
+tasks) with a sentence, computed from the rows, on whether the learned optimizer beats lr-tuned
+Adam on mean final outer loss, the baselines' tuning, and the mesa-objective analyses when
+``mesajax.analysis.report`` (``report_section(rows) -> str``, ``make_figures(rows, outdir)``) exists.
+"""
+from __future__ import annotations
+
+import importlib
+import json
+import os
+from typing import Any, Sequence
+
+from mesajax.report import figures
+from mesajax.report.rows import read_rows
+
+EVAL_METRICS = ("final_outer_loss", "mean_outer_loss", "diverged_frac")
+METRIC_TITLES = {"final_outer_loss": "final outer loss", "mean_outer_loss": "mean outer loss",
+                 "diverged_frac": "diverged fraction"}
+KNOWN_BASELINES = ("sgd", "sgdm", "adam", "rmsprop")
+_ID_KEYS = ("analysis", "split", "optimizer", "metric", "step", "lr", "baseline")
+
+
+# --- formatting ----------------------------------------------------------------------------------
+def fmt(v: Any) -> str:
+  """A number as the report prints it: 4 significant digits; +-1e308 (stored inf) as inf."""
+  if v is None:
+    return "n/a"
+  if isinstance(v, bool):
+    return "yes" if v else "no"
+  if isinstance(v, (int, float)):
+    if abs(v) >= 1e300:
+      return "inf" if v > 0 else "-inf"
+    return f"{v:.4g}"
+  return str(v)
+
+
+def fmt_ci(row: dict | None) -> str:
+  if row is None:
+    return "n/a"
+  if row.get("ci_low") is None and row.get("ci_high") is None:
+    return fmt(row["value"])
+  return f"{fmt(row['value'])} [{fmt(row['ci_low'])}, {fmt(row['ci_high'])}]"
+
+
+# --- reading -------------------------------------------------------------------------------------
+def _read_json(path: str) -> dict:
+  if not os.path.exists(path):
+    return {}
+  with open(path) as f:
+    return json.load(f)
+
+
+def dedupe(rows: Sequence[dict]) -> list[dict]:
+  """Keeps the last row for each identity (analysis, split, optimizer, metric, step, lr, baseline)."""
+  last = {}
+  for r in rows:
+    last[tuple(json.dumps(r.get(k)) for k in _ID_KEYS)] = r
+  return list(last.values())
+
+
+def _find(rows, analysis, split, optimizer, metric, **extra):
+  for r in rows:
+    if (r.get("analysis") == analysis and r.get("split") == split and r.get("optimizer") == optimizer
+        and r.get("metric") == metric and all(r.get(k) == v for k, v in extra.items())):
+      return r
+  return None
+
+
+def _ordered(seq):
+  out = []
+  for x in seq:
+    if x not in out:
+      out.append(x)
+  return out
+
+
+def learned_and_baselines(rows: Sequence[dict]) -> tuple[list[str], list[str]]:
+  """Optimizer names in the eval rows: learned ones (not tuned) first, then the tuned baselines."""
+  evals = _ordered(r["optimizer"] for r in rows if r.get("analysis") == "eval")
+  tuned = set(r["optimizer"] for r in rows if r.get("analysis") == "tuning") | set(KNOWN_BASELINES)
+  baselines = [b for b in KNOWN_BASELINES if b in evals] + [o for o in evals
+                                                             if o in tuned and o not in KNOWN_BASELINES]
+  return [o for o in evals if o not in tuned], baselines
+
+
+# --- sections ------------------------------------------------------------------------------------
+def _header(workdir, config, meta, rows, metrics, learned) -> list[str]:
+  name = (config.get("name") or config.get("config_name") or meta.get("config_name")
+          or meta.get("config") or (learned[0] if learned else os.path.basename(os.path.abspath(workdir))))
+  out = [f"# mesajax report: {name}", ""]
+  task, opt = config.get("task") or {}, config.get("optimizer") or {}
+  if task:
+    kw = ", ".join(f"{k}={v}" for k, v in sorted((task.get("kwargs") or {}).items()))
+    out.append(f"- task family: `{task.get('name')}`" + (f" ({kw})" if kw else ""))
+  if opt:
+    kw = ", ".join(f"{k}={v}" for k, v in sorted((opt.get("kwargs") or {}).items()))
+    out.append(f"- optimizer: `{opt.get('name')}`" + (f" ({kw})" if kw else "")
+               + (f", reported as `{learned[0]}`" if learned else ""))
+  elif learned:
+    out.append(f"- learned optimizer: `{learned[0]}`")
+  meta_cfg = config.get("meta") or {}
+  if meta_cfg:
+    keys = ("estimator", "num_tasks", "horizon", "unroll_length", "outer_objective", "num_outer_steps")
+    out.append("- meta-training: " + ", ".join(f"{k}={meta_cfg[k]}" for k in keys if k in meta_cfg))
+  if "seed" in config:
+    out.append(f"- seed: {config['seed']}")
+  env = []  # meta.json: flat {package: version, git_commit, ...} or nested {"versions": {...}}
+  for k, v in meta.items():
+    items = sorted(v.items()) if isinstance(v, dict) else [(k, v)]
+    env += [f"{kk}={vv}" for kk, vv in items if vv is not None]
+  if env:
+    out.append("- environment: " + ", ".join(env))
+  out.append(f"- rows: {len(rows)} in `results.jsonl`, {len(metrics)} in `metrics.jsonl`")
+  return out + [""]
+
+
+def _meta_training(metrics, fig_path) -> list[str]:
+  out = ["## Meta-training", ""]
+  logged = [m for m in metrics if m.get("outer_step") is not None]
+  if not logged:
+    return out + ["No meta-training log (`metrics.jsonl`) in this directory.", ""]
+  logged.sort(key=lambda m: m["outer_step"])
+  first, last = logged[0], logged[-1]
+  parts = [f"{len(logged)} logged outer steps up to step {last['outer_step']}"]
+  if "meta_loss" in last:
+    parts.append(f"meta-loss {fmt(first.get('meta_loss'))} at step {first['outer_step']} -> "
+                 f"{fmt(last.get('meta_loss'))} at step {last['outer_step']}")
+  if last.get("num_skipped") is not None:  # running count kept by the meta-training loop
+    parts.append(f"{fmt(last['num_skipped'])} outer updates skipped (non-finite meta-loss or gradient)")
+  elif any(m.get("skipped") is not None for m in logged):  # only per-row flags: count the rows
+    flags = [bool(m.get("skipped")) for m in logged]
+    parts.append(f"skipped (non-finite) outer updates in {sum(flags)} of {len(flags)} logged rows")
+  if last.get("time_s") is not None:
+    parts.append(f"{fmt(last['time_s'])} s of wall time since meta-training last (re)started")
+  out.append("; ".join(parts) + ".")
+  if fig_path:
+    out += ["", f"![meta-training curve]({fig_path})"]
+  return out + [""]
+
+
+def comparison_sentence(rows, split, learned, reference="adam") -> str:
+  """Whether ``learned`` beats tuned ``reference`` on mean final outer loss on ``split`` (rows only)."""
+  a = _find(rows, "eval", split, learned, "final_outer_loss")
+  b = _find(rows, "eval", split, reference, "final_outer_loss")
+  if a is None or b is None:
+    return f"No `{learned}` and lr-tuned `{reference}` final-outer-loss rows to compare on split `{split}`."
+  beats = a["value"] < b["value"]
+  s = (f"On split `{split}`, `{learned}` {'beats' if beats else 'does not beat'} lr-tuned `{reference}` "
+       f"on mean final outer loss: {fmt_ci(a)} vs {fmt_ci(b)} (mean [95% bootstrap CI] over "
+       f"{a.get('n')} held-out tasks)")
+  if None not in (a.get("ci_high"), b.get("ci_low"), a.get("ci_low"), b.get("ci_high")):
+    overlap = not (a["ci_high"] < b["ci_low"] or b["ci_high"] < a["ci_low"])
+    s += "; the intervals overlap" if overlap else "; the intervals do not overlap"
+  d = _find(rows, "eval_paired", split, learned, "final_outer_loss_diff", baseline=reference)
+  if d is not None and d.get("value") is not None:
+    excl = d["ci_high"] < 0 or d["ci_low"] > 0
+    s += (f". Paired over the same tasks, {learned} - {reference} = {fmt_ci(d)}, a 95% CI that "
+          f"{'excludes' if excl else 'includes'} 0")
+  w = _find(rows, "eval_paired", split, learned, "win_frac", baseline=reference)
+  if w is not None:
+    s += f"; `{learned}` ends lower on a fraction {fmt_ci(w)} of the tasks"
+  div = _find(rows, "eval", split, learned, "diverged_frac")
+  if div is not None and div.get("n"):
+    k = round(div["value"] * div["n"])
+    s += f"; {k} of {div['n']} held-out tasks diverge under `{learned}`"
+  return s + "."
+
+
+def _eval_section(rows, learned, baselines, curve_figs) -> list[str]:
+  out = ["## Held-out evaluation", "",
+         "Each optimizer runs for the split's full inner horizon on held-out tasks (never seen in "
+         "meta-training or tuning); baselines use the learning rate tuned on separate tuning tasks "
+         "of the same split. Cells: mean over tasks [95% percentile-bootstrap CI over tasks]; "
+         "a task diverges when its final outer loss exceeds its initial one or is not finite; "
+         "`inf` marks non-finite losses.", ""]
+  optimizers = learned + baselines
+  splits = figures.split_names(rows, "eval")
+  if not splits:
+    return out + ["No evaluation rows.", ""]
+  for split in splits:
+    any_row = next(r for r in rows if r.get("analysis") == "eval" and r.get("split") == split)
+    horizon = any_row.get("horizon")
+    out += [f"### Split `{split}`" + (f" (horizon {horizon}, {any_row.get('n')} tasks)" if horizon else ""),
+            "", "| optimizer | " + " | ".join(METRIC_TITLES[m] for m in EVAL_METRICS) + " |",
+            "|---|" + "---|" * len(EVAL_METRICS)]
+    for o in optimizers:
+      cells = [fmt_ci(_find(rows, "eval", split, o, m)) for m in EVAL_METRICS]
+      if any(c != "n/a" for c in cells):
+        tag = " (tuned lr)" if o in baselines else " (learned)"
+        out.append(f"| `{o}`{tag} | " + " | ".join(cells) + " |")
+    out.append("")
+    for l in learned:
+      out += [comparison_sentence(rows, split, l), ""]
+    if split in curve_figs:
+      out += [f"![held-out outer-loss curves, split {split}]({curve_figs[split]})", ""]
+  return out
+
+
+def _tuning_section(rows, baselines) -> list[str]:
+  best = [r for r in rows if r.get("analysis") == "tuning" and r.get("metric") == "best_lr"]
+  if not best:
+    return []
+  out = ["## Baseline tuning", "",
+         "Learning rate chosen per split by grid search on separate tuning tasks, minimising the mean "
+         "final outer loss (a run that diverges on any tuning task scores +inf).", "",
+         "| split | baseline | best lr | grid | tuning tasks | at grid edge |", "|---|---|---|---|---|---|"]
+  for r in best:
+    edge = _find(rows, "tuning", r["split"], r["optimizer"], "at_grid_edge")
+    failed = _find(rows, "tuning", r["split"], r["optimizer"], "all_failed")
+    grid = (f"{fmt(r.get('lr_grid_min'))} .. {fmt(r.get('lr_grid_max'))} ({r.get('lr_grid_size')} pts)"
+            if r.get("lr_grid_size") else "n/a")
+    flag = "n/a" if edge is None else ("yes" if edge["value"] else "no")
+    if failed is not None and failed["value"]:
+      flag += " (every rate failed on some task)"
+    out.append(f"| `{r['split']}` | `{r['optimizer']}` | {fmt(r['value'])} | {grid} | {r.get('n')} | {flag} |")
+  return out + [""]
+
+
+def _analysis_section(rows, workdir, figdir) -> list[str]:
+  out = ["## Mesa-objective analyses", ""]
+  try:
+    mod = importlib.import_module("mesajax.analysis.report")
+  except ModuleNotFoundError as e:
+    if e.name not in ("mesajax.analysis.report", "mesajax.analysis"):
+      raise
+    return out + ["Analysis reporting is not available in this version (`mesajax.analysis.report`).", ""]
+  paths = mod.make_figures(rows, figdir) if hasattr(mod, "make_figures") else None
+  text = mod.report_section(rows) if hasattr(mod, "report_section") else ""
+  out += [text.rstrip(), ""]
+  if isinstance(paths, dict):
+    paths = list(paths.values())
+  for p in paths or []:
+    if not isinstance(p, (str, os.PathLike)):
+      continue
+    rel = os.path.relpath(os.fspath(p), workdir)
+    if rel not in text and os.path.basename(rel) not in text:
+      out += [f"![{os.path.splitext(os.path.basename(rel))[0]}]({rel})", ""]
+  return out
+
+
+def write_report(workdir: str) -> str:
+  """Writes ``workdir/report.md`` (and figures under ``workdir/figures/``); returns its path."""
+  rows = dedupe(read_rows(os.path.join(workdir, "results.jsonl")))
+  metrics = read_rows(os.path.join(workdir, "metrics.jsonl"))
+  config = _read_json(os.path.join(workdir, "config.json"))
+  meta = _read_json(os.path.join(workdir, "meta.json"))
+  figdir = os.path.join(workdir, "figures")
+  learned, baselines = learned_and_baselines(rows)
+  figs = figures.make_figures(rows, metrics, figdir, learned + baselines)
+  rel = lambda p: os.path.relpath(p, workdir) if p else None  # noqa: E731
+  lines = _header(workdir, config, meta, rows, metrics, learned)
+  lines += _meta_training(metrics, rel(figs["meta_training"]))
+  lines += _eval_section(rows, learned, baselines, {s: rel(p) for s, p in figs["eval_curves"].items()})
+  lines += _tuning_section(rows, baselines)
+  lines += _analysis_section(rows, workdir, figdir)
+  path = os.path.join(workdir, "report.md")
+  with open(path, "w") as f:
+    f.write("\n".join(lines).rstrip() + "\n")
+  return path
