@@ -15,7 +15,8 @@ from mesajax.splits import make_splits
 
 SMOKE = {
     "meta.num_tasks": 4, "meta.horizon": 20, "meta.unroll_length": 5, "meta.num_outer_steps": 6,
-    "meta.log_every": 2, "meta.checkpoint_every": 3,
+    "meta.log_every": 2, "meta.checkpoint_every": 3, "meta.select_every": 3,
+    "meta.select_tasks": 4,
     "eval.num_tasks": 8, "eval.num_tuning_tasks": 4, "eval.lr_grid_size": 4, "eval.n_boot": 50,
     "analysis.num_tasks": 3, "analysis.num_steps": 10, "analysis.num_points": 2,
     "analysis.num_probes": 8, "analysis.n_boot": 50,
@@ -39,6 +40,7 @@ def get_config_with_arg(make, arg):
 
 # Fields that may change when a run resumes (they do not change what has been computed).
 RESUMABLE = ("meta.num_outer_steps", "meta.log_every", "meta.checkpoint_every")
+# Note: select_every is not resumable: changing it changes which phi is kept.
 
 
 def _get(config, dotted):
@@ -110,6 +112,8 @@ def resolve(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
   if config.meta.num_tasks % devices:
     raise ValueError(f"config.meta.num_tasks ({config.meta.num_tasks}) must be divisible by "
                      f"config.meta.num_devices ({devices})")
+  _int(config, "meta.select_every", low=0)
+  _int(config, "meta.select_tasks", low=1)
   _int(config, "meta.log_every")
   _int(config, "meta.checkpoint_every")
   _int(config, "eval.num_tasks", low=2)

@@ -31,12 +31,17 @@ def load_run_config(workdir: str) -> ml_collections.ConfigDict:
 
 
 def load_learned(workdir: str, step: int | None = None):
-  """``(config, opt, phi, step)`` from a run directory's checkpoint (latest by default)."""
+  """``(config, opt, phi, step)`` from a run directory's checkpoint (latest by default).
+
+  ``phi`` is the selected ``best_phi`` when the run used selection (``meta.select_every`` > 0) and
+  the last outer step's phi otherwise.
+  """
   from mesajax.meta.outer import MetaTrainer
   config = load_run_config(workdir)
   trainer = MetaTrainer(config)
   state = checkpoint.restore_state(workdir, trainer.abstract_state(), step)
-  return config, trainer.opt, state.phi, int(state.step)
+  selected = int(config.meta.select_every) > 0 and bool(state.best_score < float("inf"))
+  return config, trainer.opt, (state.best_phi if selected else state.phi), int(state.step)
 
 
 def hand_designed(config, name: str):

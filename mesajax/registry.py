@@ -43,6 +43,8 @@ def _build(table, kind, name, kwargs):
   unknown = sorted(set(kwargs) - known)
   if unknown:
     raise ValueError(f"{kind} {name!r} has no option(s) {unknown}; options: {sorted(known)}")
+  # Configs and JSON turn tuples into lists; options must stay hashable (static under jit).
+  kwargs = {k: tuple(v) if isinstance(v, list) else v for k, v in kwargs.items()}
   obj = cls(**kwargs)
   obj.validate()
   return obj

@@ -5,7 +5,8 @@ tasks drawn from a key stream that meta-training never uses; every shift is the 
 some knobs changed (``config.shifts.NAME.task``) and/or its horizon multiplied
 (``config.shifts.NAME.horizon_mult``), so a shifted family is a config change, not new code.
 
-Key streams are separated by purpose (``meta_train``, ``tune``, ``heldout``, ``analysis``) and by
+Key streams are separated by purpose (``meta_train``, ``select`` (meta-parameter selection),
+``tune``, ``heldout``, ``analysis``) and by
 split name, so held-out tasks are never the tasks meta-training or learning-rate tuning saw.
 """
 from __future__ import annotations
@@ -18,7 +19,7 @@ import jax
 
 from mesajax.registry import make_task_family
 
-PURPOSES = ("meta_train", "tune", "heldout", "analysis")
+PURPOSES = ("meta_train", "select", "tune", "heldout", "analysis")
 
 
 @dataclasses.dataclass(frozen=True)

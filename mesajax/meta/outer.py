@@ -9,6 +9,16 @@ state, the outer step, the RNG key and the count of skipped updates. ``MetaTrain
   φ ← φ + outer_update(clip(ĝ))            only if L and ĝ are finite (else counted as skipped)
 
 The outer optimizer is optax Adam after global-norm clipping (``meta.outer_clip``; 0 turns it off).
+
+Selection (``meta.select_every`` > 0): the last outer step's φ is not necessarily the best one —
+meta-training on truncations can improve the meta-loss while a few full-horizon runs get worse
+(Metz et al. 2019). Every ``select_every`` steps the training loop scores φ by full-horizon runs on
+``meta.select_tasks`` separate validation tasks (their own key stream, never held-out tasks):
+
+  score(φ) = mean_i min(L_outer(θ_T^i) / L_outer(θ_0^i), 10)     (non-finite counts as 10)
+
+and keeps the best φ and its score in the state (``best_phi``, ``best_score``), so selection survives
+a resume. Evaluation and analyses use ``best_phi`` when selection is on.
 """
 from __future__ import annotations
 
@@ -35,6 +45,8 @@ class MetaState(NamedTuple):
   step: jax.Array         # int32 scalar: outer steps taken
   rng: jax.Array          # raw uint32 key
   num_skipped: jax.Array  # int32 scalar: non-finite updates skipped so far
+  best_phi: PyTree        # the best phi by full-horizon validation (phi itself if selection is off)
+  best_score: jax.Array   # float32 scalar: its validation score (inf before the first selection)
 
 
 def _all_finite(tree) -> jax.Array:
@@ -76,7 +88,8 @@ class MetaTrainer:
     def make(k_phi, k_est, k_run):
       phi = self.opt.init_phi(k_phi)
       return MetaState(phi, self.outer_opt.init(phi), self.estimator.init(phi, k_est),
-                       jnp.zeros([], jnp.int32), k_run, jnp.zeros([], jnp.int32))
+                       jnp.zeros([], jnp.int32), k_run, jnp.zeros([], jnp.int32),
+                       jax.tree.map(jnp.copy, phi), jnp.full([], jnp.inf, jnp.float32))
 
     return jax.jit(make, out_shardings=self.shardings())(k_phi, k_est, k_run)
 
@@ -96,7 +109,7 @@ class MetaTrainer:
       est = jax.eval_shape(self.estimator.init, phi, key)
       self._shardings = MetaState(
           jax.tree.map(lambda _: rep, phi), jax.tree.map(lambda _: rep, opt_state),
-          jax.tree.map(lambda _: tasks, est), rep, rep, rep)
+          jax.tree.map(lambda _: tasks, est), rep, rep, rep, jax.tree.map(lambda _: rep, phi), rep)
     return self._shardings
 
   # --- the step ------------------------------------------------------------------------------
@@ -109,7 +122,8 @@ class MetaTrainer:
     phi = optax.apply_updates(state.phi, updates)
     keep = lambda new, old: jax.tree.map(lambda a, b: jnp.where(finite, a, b), new, old)
     new_state = MetaState(keep(phi, state.phi), keep(opt_state, state.opt_state), est_state,
-                          state.step + 1, rng, state.num_skipped + (~finite).astype(jnp.int32))
+                          state.step + 1, rng, state.num_skipped + (~finite).astype(jnp.int32),
+                          state.best_phi, state.best_score)
     metrics = {"meta_loss": loss, "grad_norm": optax.global_norm(grad),
                "skipped": ~finite, "num_skipped": new_state.num_skipped}
     return new_state, metrics
@@ -122,6 +136,39 @@ class MetaTrainer:
       self._step_fn = jax.jit(self._step, donate_argnums=0, in_shardings=(self.shardings(),),
                               out_shardings=(self.shardings(), rep))
     return self._step_fn
+
+  # --- selection by full-horizon validation ----------------------------------------------------
+  @property
+  def validation_score(self):
+    """``score(phi) -> float32``: see the module docstring. Jitted once; tasks drawn once."""
+    if getattr(self, "_score_fn", None) is None:
+      from mesajax.eval.tuning import PresetInit, prepare_tasks
+      from mesajax.rollout import run_curve
+      c = self.config
+      n, horizon = int(c.meta.select_tasks), int(c.meta.horizon)
+      key = purpose_key(int(c.seed), "select", "train")
+      task_keys = jax.random.split(jax.random.fold_in(key, 0), n)
+      run_keys = jax.random.split(jax.random.fold_in(key, 1), n)
+      tasks = prepare_tasks(self.family, task_keys, run_keys)
+      family = PresetInit(self.family)
+
+      def score(phi):
+        def one(task, k):
+          curve = run_curve(self.opt, phi, family, task, k, horizon, horizon, every=horizon)
+          ratio = curve["outer_loss"][-1] / jnp.maximum(curve["outer_loss"][0], 1e-12)
+          return jnp.where(jnp.isfinite(ratio), jnp.minimum(ratio, 10.0), 10.0)
+        return jnp.mean(jax.vmap(one)(tasks, run_keys))
+
+      self._score_fn = jax.jit(score)
+    return self._score_fn
+
+  def select(self, state: MetaState) -> tuple[MetaState, float]:
+    """Scores the current phi; keeps it as ``best_phi`` when it beats ``best_score``."""
+    score = float(self.validation_score(state.phi))
+    if score < float(state.best_score):
+      state = state._replace(best_phi=jax.tree.map(jnp.copy, state.phi),
+                             best_score=jnp.asarray(score, jnp.float32))
+    return state, score
 
   def inner_steps_per_outer_step(self) -> int:
     return self.estimator.inner_steps_per_estimate()

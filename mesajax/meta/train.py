@@ -4,7 +4,8 @@ The host never blocks on the device except to log: step n+1 is dispatched before
 are read (nanodo's habit), and only every ``meta.log_every`` steps. Checkpoints every
 ``meta.checkpoint_every`` steps, at the end, and on interruption (Ctrl-C saves, then re-raises), so
 nothing is lost. Resuming from the latest checkpoint continues bit-for-bit (same RNG stream and
-truncation state).
+truncation state). With ``meta.select_every`` > 0 the loop also scores phi on full-horizon
+validation runs and keeps the best (``MetaTrainer.select``).
 """
 from __future__ import annotations
 
@@ -49,6 +50,7 @@ def train(config, workdir: str, progress: bool = True, trainer: MetaTrainer | No
   meta = checkpoint_meta(config)
   metrics_path = os.path.join(workdir, "metrics.jsonl")
   log_every, ckpt_every = int(config.meta.log_every), int(config.meta.checkpoint_every)
+  select_every = int(config.meta.select_every)
   inner_per_outer = trainer.inner_steps_per_outer_step()
   bar = tqdm(total=total, initial=start, desc="meta-train", disable=not progress, leave=True)
   pending, t0, last_saved = None, time.perf_counter(), start
@@ -61,6 +63,10 @@ def train(config, workdir: str, progress: bool = True, trainer: MetaTrainer | No
       if (step + 1) % log_every == 0 or step + 1 == total:
         pending = (step + 1, metrics)
       bar.update(1)
+      if select_every and ((step + 1) % select_every == 0 or step + 1 == total):
+        state, score = trainer.select(state)
+        _log(metrics_path, {"outer_step": step + 1, "select_score": score,
+                            "best_score": float(state.best_score)})
       if (step + 1) % ckpt_every == 0 and step + 1 < total:
         checkpoint.save(workdir, step + 1, state, meta)
         last_saved = step + 1

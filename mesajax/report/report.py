@@ -124,7 +124,8 @@ def _header(workdir, config, meta, rows, metrics, learned) -> list[str]:
 
 def _meta_training(metrics, fig_path) -> list[str]:
   out = ["## Meta-training", ""]
-  logged = [m for m in metrics if m.get("outer_step") is not None]
+  selection = [m for m in metrics if m.get("select_score") is not None]
+  logged = [m for m in metrics if m.get("outer_step") is not None and "select_score" not in m]
   if not logged:
     return out + ["No meta-training log (`metrics.jsonl`) in this directory.", ""]
   logged.sort(key=lambda m: m["outer_step"])
@@ -140,6 +141,12 @@ def _meta_training(metrics, fig_path) -> list[str]:
     parts.append(f"skipped (non-finite) outer updates in {sum(flags)} of {len(flags)} logged rows")
   if last.get("time_s") is not None:
     parts.append(f"{fmt(last['time_s'])} s of wall time since meta-training last (re)started")
+  if selection:
+    best = min(selection, key=lambda m: m["select_score"])
+    parts.append(f"phi selected by full-horizon validation every "
+                 f"{selection[1]['outer_step'] - selection[0]['outer_step'] if len(selection) > 1 else '-'}"
+                 f" steps: best score {fmt(best['select_score'])} (mean final/initial outer loss on "
+                 f"validation tasks) at step {best['outer_step']}, last {fmt(selection[-1]['select_score'])}")
   out.append("; ".join(parts) + ".")
   if fig_path:
     out += ["", f"![meta-training curve]({fig_path})"]
