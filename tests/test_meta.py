@@ -61,7 +61,10 @@ def test_resume_gives_identical_phi(tmp_path, estimator):
   assert int(resumed.step) == 4
   jax.tree.map(np.testing.assert_array_equal, jax.device_get(straight), jax.device_get(resumed))
   rows = [json.loads(l) for l in open(tmp_path / "resumed" / "metrics.jsonl")]
-  assert [r["outer_step"] for r in rows] == [2, 4]
+  assert [r["outer_step"] for r in rows if "meta_loss" in r] == [2, 4]
+  # Selection (smoke: every 3 steps) ran once, at step 3, and its best phi is in the state.
+  assert [r["outer_step"] for r in rows if "select_score" in r] == [3]
+  assert np.isfinite(float(resumed.best_score))
 
 
 def test_workdir_of_another_config_is_refused(tmp_path):

@@ -63,7 +63,8 @@ def train(config, workdir: str, progress: bool = True, trainer: MetaTrainer | No
       if (step + 1) % log_every == 0 or step + 1 == total:
         pending = (step + 1, metrics)
       bar.update(1)
-      if select_every and ((step + 1) % select_every == 0 or step + 1 == total):
+      # Only at multiples of select_every, so a resumed run selects exactly as a straight one.
+      if select_every and (step + 1) % select_every == 0:
         state, score = trainer.select(state)
         _log(metrics_path, {"outer_step": step + 1, "select_score": score,
                             "best_score": float(state.best_score)})
