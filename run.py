@@ -118,6 +118,10 @@ def main(argv):
     print(f"report: {pipeline.report(FLAGS.workdir)}")
   except ValueError as e:
     fail(str(e).splitlines()[0] if str(e) else "invalid input")
+  except KeyboardInterrupt:
+    print("interrupted (the latest state was checkpointed; rerun the same command to resume)",
+          file=sys.stderr)
+    sys.exit(130)
 
 
 if __name__ == "__main__":

@@ -63,3 +63,24 @@ def test_smoke_main_job_end_to_end(tmp_path):
   # Same directory, another config: refused with one line.
   proc = run_cli("--config", f"{QUICK}:smoke", "--config.meta.horizon=10", "--workdir", workdir)
   assert proc.returncode == 2 and "another config" in proc.stderr
+
+
+def test_interrupt_saves_a_checkpoint_and_resume_finishes(tmp_path):
+  """Ctrl-C during meta-training checkpoints the current state; the same command resumes."""
+  import signal
+  import subprocess
+  import sys
+  workdir = str(tmp_path / "run")
+  args = [sys.executable, os.path.join(ROOT, "run.py"), "train", "--config", f"{QUICK}:smoke",
+          "--config.meta.num_outer_steps=100000", "--config.meta.checkpoint_every=100000",
+          "--workdir", workdir, "--noprogress"]
+  proc = subprocess.Popen(args, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+  metrics = os.path.join(workdir, "metrics.jsonl")
+  deadline = time.time() + 240
+  while time.time() < deadline and not (os.path.exists(metrics) and os.path.getsize(metrics) > 0):
+    time.sleep(0.5)
+  proc.send_signal(signal.SIGINT)
+  _, err = proc.communicate(timeout=120)
+  assert proc.returncode == 130, err[-2000:]
+  ckpts = os.listdir(os.path.join(workdir, "checkpoints"))
+  assert ckpts, "no checkpoint written on interruption"

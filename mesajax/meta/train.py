@@ -14,6 +14,7 @@ import os
 import time
 
 import jax
+import numpy as np
 from tqdm.auto import tqdm
 
 from mesajax import checkpoint, rundir
@@ -33,7 +34,7 @@ def load_or_init(trainer: MetaTrainer, workdir: str, step: int | None = None) ->
 
 def _log(path, row):
   with open(path, "a") as f:
-    f.write(json.dumps(row) + "\n")
+    f.write(json.dumps(row, allow_nan=False) + "\n")
     f.flush()
 
 
@@ -89,8 +90,9 @@ def _report(pending, path, bar, t0, inner_per_outer, start):
   step, metrics = pending
   m = jax.device_get(metrics)
   elapsed = time.perf_counter() - t0
-  row = {"outer_step": step, "meta_loss": float(m["meta_loss"]), "grad_norm": float(m["grad_norm"]),
+  finite = lambda x: float(x) if np.isfinite(x) else None  # JSON has no NaN: null instead
+  row = {"outer_step": step, "meta_loss": finite(m["meta_loss"]), "grad_norm": finite(m["grad_norm"]),
          "skipped": bool(m["skipped"]), "num_skipped": int(m["num_skipped"]),
          "time_s": elapsed, "inner_steps": (step - start) * inner_per_outer}
   _log(path, row)
-  bar.set_postfix(meta_loss=f"{row['meta_loss']:.4f}", skipped=row["num_skipped"])
+  bar.set_postfix(meta_loss=f"{float(m['meta_loss']):.4f}", skipped=row["num_skipped"])
