@@ -30,8 +30,8 @@ def _setup(kind, num_tasks, horizon, k, sigma=0.02):
 def _at_step_zero(state):
   """Every trajectory at its start (no staggering), so the truncations line up."""
   fix = lambda ts: ts._replace(inner=ts.inner._replace(step=jnp.zeros_like(ts.inner.step)))
-  if hasattr(state, "pos"):
-    return state._replace(pos=fix(state.pos), neg=fix(state.neg))
+  if hasattr(state, "xi"):  # PES: both branches stacked in state.ts
+    return state._replace(ts=fix(state.ts))
   return fix(state)
 
 

@@ -32,9 +32,24 @@ ESTIMATORS = ("tbptt", "es", "pes")
 
 
 class PESState(NamedTuple):
-  pos: TruncState
-  neg: TruncState
-  xi: PyTree  # accumulated perturbations, phi-shaped leaves with a leading task axis
+  """PES particles. ``ts`` holds both antithetic branches stacked on the task axis — rows
+  ``[0, N)`` are the positive branches, ``[N, 2N)`` the negative ones — so each outer step runs one
+  vmapped unroll over 2N without concatenating or splitting states."""
+
+  ts: TruncState  # leading axis 2N: positive branches, then negative branches
+  xi: PyTree      # accumulated perturbations, phi-shaped leaves with a leading task axis N
+
+  @property
+  def num_tasks(self) -> int:
+    return jax.tree.leaves(self.xi)[0].shape[0]
+
+  @property
+  def pos(self) -> TruncState:
+    return jax.tree.map(lambda x: x[:self.num_tasks], self.ts)
+
+  @property
+  def neg(self) -> TruncState:
+    return jax.tree.map(lambda x: x[self.num_tasks:], self.ts)
 
 
 def _tree_normal(key, tree, sigma):
@@ -46,6 +61,10 @@ def _tree_normal(key, tree, sigma):
 
 def _add(a, b, sign=1.0):
   return jax.tree.map(lambda x, y: x + sign * y, a, b)
+
+
+def _cat(a, b):
+  return jax.tree.map(lambda x, y: jnp.concatenate([x, y]), a, b)
 
 
 def _weighted_mean(eps_batch, weights):
@@ -69,7 +88,7 @@ class Estimator(NamedTuple):
     if self.kind != "pes":
       return ts
     xi = jax.tree.map(lambda x: jnp.zeros((self.num_tasks,) + x.shape, x.dtype), phi)
-    return PESState(ts, ts, self._c(xi))
+    return PESState(self._c(_cat(ts, ts)), self._c(xi))
 
   def inner_steps_per_estimate(self) -> int:
     k = self.unroller.unroll_length * self.num_tasks
@@ -84,11 +103,13 @@ class Estimator(NamedTuple):
 
   def _antithetic_unroll(self, phi_pos, phi_neg, ts_pos, ts_neg, data_keys):
     """Both branches as one vmapped unroll over 2 × num_tasks (wider, better-vectorised matmuls)."""
-    cat = lambda a, b: jax.tree.map(lambda x, y: jnp.concatenate([x, y]), a, b)
     half = lambda t, i: jax.tree.map(lambda x: x[i * self.num_tasks:(i + 1) * self.num_tasks], t)
-    unroll = jax.vmap(self.unroller.unroll, in_axes=(0, 0, 0))
-    new, losses = unroll(cat(phi_pos, phi_neg), cat(ts_pos, ts_neg), cat(data_keys, data_keys))
+    new, losses = self._unroll_2n(_cat(phi_pos, phi_neg), _cat(ts_pos, ts_neg), data_keys)
     return (half(new, 0), half(new, 1)), (losses[:self.num_tasks], losses[self.num_tasks:])
+
+  def _unroll_2n(self, phi_2n, ts_2n, data_keys):
+    unroll = jax.vmap(self.unroller.unroll, in_axes=(0, 0, 0))
+    return unroll(phi_2n, ts_2n, jnp.concatenate([data_keys, data_keys]))
 
   def estimate(self, phi, state, key):
     k_data, k_eps = jax.random.split(key)
@@ -114,16 +135,22 @@ class Estimator(NamedTuple):
       grad = _weighted_mean(eps, (l_pos - l_neg) / (2 * self.sigma ** 2))
       return self._finish(new_pos), jnp.mean(0.5 * (l_pos + l_neg)), grad, {}
 
-    # PES: both particles reset together (same key stream and step counter).
-    pos, done = self._reset(phi, state.pos)
-    neg, _ = self._reset(phi, state.neg)
+    # PES: both branches of a particle share their key stream and step counter, so they reset
+    # together to the same fresh task; the fresh state is computed once for the pair.
+    n = self.num_tasks
+    pos = state.pos
+    done = pos.inner.step >= self.unroller.horizon
+    fresh = jax.vmap(self.unroller.fresh, in_axes=(None, 0))(phi, pos.key)
+    done_2n = jnp.concatenate([done, done])
+    ts = jax.tree.map(lambda a, b: jnp.where(done_2n.reshape((-1,) + (1,) * (a.ndim - 1)), a, b),
+                      _cat(fresh, fresh), state.ts)
     xi = jax.tree.map(lambda x, e: jnp.where(done.reshape((-1,) + (1,) * (x.ndim - 1)), 0, x) + e,
                       state.xi, eps)
-    (pos, neg), (l_pos, l_neg) = self._antithetic_unroll(phi_pos, phi_neg, pos, neg, data_keys)
+    ts, losses = self._unroll_2n(_cat(phi_pos, phi_neg), ts, data_keys)
+    l_pos, l_neg = losses[:n], losses[n:]
     grad = _weighted_mean(xi, (l_pos - l_neg) / (2 * self.sigma ** 2))
-    pos, neg = self._finish(pos), self._finish(neg)
+    ts = self._finish(ts)
     # A particle whose either branch went non-finite restarts both branches together.
-    step = jnp.maximum(pos.inner.step, neg.inner.step)
-    pos = pos._replace(inner=pos.inner._replace(step=step))
-    neg = neg._replace(inner=neg.inner._replace(step=step))
-    return PESState(pos, neg, self._c(xi)), jnp.mean(0.5 * (l_pos + l_neg)), grad, {}
+    step = jnp.maximum(ts.inner.step[:n], ts.inner.step[n:])
+    ts = ts._replace(inner=ts.inner._replace(step=jnp.concatenate([step, step])))
+    return PESState(ts, self._c(xi)), jnp.mean(0.5 * (l_pos + l_neg)), grad, {}
