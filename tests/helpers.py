@@ -14,11 +14,17 @@ from mesajax.optimizers.base import Optimizer
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
-def smoke_config(**meta):
-  """The quickstart config at smoke size, resolved, with ``meta`` overrides."""
+def smoke_config(optimizer=None, **meta):
+  """The quickstart config at smoke size, resolved, with ``meta`` overrides (and optionally another
+  optimizer, by registry name, with its default options)."""
+  import ml_collections
   from configs.quickstart import get_config
   from mesajax.config import resolve
+  from mesajax.registry import optimizer_kwargs
   c = get_config("smoke")
+  if optimizer is not None:
+    c.optimizer.name = optimizer
+    c.optimizer.kwargs = ml_collections.ConfigDict(optimizer_kwargs(optimizer))
   for k, v in meta.items():
     c.meta[k] = v
   return resolve(c)

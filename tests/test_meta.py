@@ -30,7 +30,7 @@ def test_outer_step_compiles_once(estimator):
 
 
 def test_non_finite_update_is_skipped_and_counted():
-  trainer = MetaTrainer(smoke_config())
+  trainer = MetaTrainer(smoke_config(optimizer="sgd"))  # the logic is optimizer-agnostic
   est = trainer.estimator
 
   class NaNEstimator:
@@ -53,11 +53,12 @@ def test_non_finite_update_is_skipped_and_counted():
 @pytest.mark.parametrize("estimator", ["tbptt", "pes"])
 def test_resume_gives_identical_phi(tmp_path, estimator):
   cfg4 = smoke_config(estimator=estimator, num_outer_steps=4, checkpoint_every=100)
-  _, straight = train(cfg4, str(tmp_path / "straight"), progress=False)
   cfg2 = smoke_config(estimator=estimator, num_outer_steps=2, checkpoint_every=100)
-  train(cfg2, str(tmp_path / "resumed"), progress=False)
+  trainer = MetaTrainer(cfg4)  # shared: the runs differ only in num_outer_steps (compile once)
+  _, straight = train(cfg4, str(tmp_path / "straight"), progress=False, trainer=trainer)
+  train(cfg2, str(tmp_path / "resumed"), progress=False, trainer=trainer)
   assert checkpoint.latest_step(str(tmp_path / "resumed")) == 2
-  _, resumed = train(cfg4, str(tmp_path / "resumed"), progress=False)
+  _, resumed = train(cfg4, str(tmp_path / "resumed"), progress=False, trainer=trainer)
   assert int(resumed.step) == 4
   jax.tree.map(np.testing.assert_array_equal, jax.device_get(straight), jax.device_get(resumed))
   rows = [json.loads(l) for l in open(tmp_path / "resumed" / "metrics.jsonl")]
@@ -68,7 +69,10 @@ def test_resume_gives_identical_phi(tmp_path, estimator):
 
 
 def test_workdir_of_another_config_is_refused(tmp_path):
-  train(smoke_config(num_outer_steps=1), str(tmp_path), progress=False)
+  from mesajax import rundir
+  assert not rundir.prepare(str(tmp_path), smoke_config(num_outer_steps=1))
+  # The same run with more outer steps is a resume; another horizon is another run.
+  assert rundir.prepare(str(tmp_path), smoke_config(num_outer_steps=5))
   with pytest.raises(ValueError, match="another config"):
     train(smoke_config(num_outer_steps=1, horizon=10), str(tmp_path), progress=False)
 
@@ -91,7 +95,10 @@ for est, n in [(e, n) for e in ("tbptt", "pes") for n in (1, 8)]:
   out[f"{{est}}{{n}}"] = {{"loss": float(loss),
              "grad": np.concatenate([np.ravel(g) for g in jax.tree.leaves(grad)]).tolist(),
              "devices": len(leaf.sharding.device_set)}}
-  state, _ = trainer.step(state)
+  if est == "pes" and n == 8:  # the whole jitted, donated step runs on the 8-device mesh
+    state, metrics = trainer.step(state)
+    assert np.isfinite(float(metrics["meta_loss"]))
+    assert len(jax.tree.leaves(state.est_state)[0].sharding.device_set) == 8
 print(json.dumps(out))
 """
 
