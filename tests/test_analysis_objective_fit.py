@@ -1,0 +1,128 @@
+"""Known answers for the implicit-objective fit and endpoint inverse optimisation."""
+import functools
+
+import jax
+import numpy as np
+import pytest
+from jax.flatten_util import ravel_pytree
+
+from mesajax.analysis import dictionary, endpoint_fit, fields, objective_fit
+from mesajax.optimizers.baselines import SGD
+from mesajax.rollout import run_curve, run_trajectory
+from mesajax.tasks.quadratic import Quadratic
+
+FAM = Quadratic(dim=8, cond=10.0, init_scale=1.0)  # θ₀ ≠ 0, so l2 and l2_init differ
+NAMES = dictionary.term_names(FAM)
+N_TASKS = 4
+
+
+@functools.lru_cache(maxsize=None)
+def _runs(lr, lam, steps, end_steps, fam=FAM):
+  """Full-batch GD(+weight decay) trajectories, dictionary gradients, and end points."""
+  opt = SGD(learning_rate=lr, weight_decay=lam)
+  phi = opt.init_phi(None)
+  tasks = fam.sample_batch(jax.random.PRNGKey(0), N_TASKS)
+  keys = jax.random.split(jax.random.PRNGKey(1), N_TASKS)
+  fb = fields.FullBatch(fam)
+
+  def one(task, key):
+    states, _ = run_trajectory(opt, phi, fb, task, key, steps)
+    p0 = jax.tree.map(lambda x: x[0], states.params)
+    _, g = jax.vmap(lambda p: dictionary.values_and_grads(fam, task, p, p0))(states.params)
+    th = jax.vmap(lambda p: ravel_pytree(p)[0])(states.params)
+    end = run_curve(opt, phi, fb, task, key, end_steps, every=end_steps)["final_state"].params
+    _, g_end = dictionary.values_and_grads(fam, task, end, p0)
+    return th, g, g_end
+
+  th, g, g_end = jax.jit(jax.vmap(one))(tasks, keys)
+  corr, norms = jax.vmap(objective_fit.gram)(g[:, :-1])
+  include, excluded = objective_fit.alias_mask(np.mean(corr, 0), np.mean(norms, 0), NAMES)
+  return th, g, g_end, include, excluded
+
+
+def _fit(th, g, include):
+  u = th[:, 1:] - th[:, :-1]
+  fit = jax.jit(jax.vmap(objective_fit.fit_objective, in_axes=(0, 0, None)))
+  return jax.tree.map(np.asarray, fit(u, g[:, :-1], include))
+
+
+def test_alias_mask_drops_identical_terms():
+  *_, include, excluded = _runs(0.3, 0.0, 40, 40)
+  # The quadratic's outer loss is its training loss: not identifiable, dropped.
+  assert excluded == {"outer_loss": "aliased:train_loss"}
+  assert include[NAMES.index("train_loss")] and include[NAMES.index("l2")]
+  # With θ₀ = 0, ½‖θ − θ₀‖² is ½‖θ‖².
+  names = ("a", "b", "c")
+  c = np.array([[1.0, 1.0, 0.2], [1.0, 1.0, 0.2], [0.2, 0.2, 1.0]])
+  inc, exc = objective_fit.alias_mask(c, np.ones(3), names)
+  assert list(inc) == [True, False, True] and exc == {"b": "aliased:a"}
+  inc, exc = objective_fit.alias_mask(np.eye(3), np.array([1.0, 0.0, 1.0]), names)
+  assert exc == {"b": "vanishing"}
+
+
+def test_gradient_descent_fit():
+  th, g, _, include, _ = _runs(0.3, 0.0, 60, 60)
+  fit = _fit(th, g, include)
+  w = fit["w_norm"]
+  np.testing.assert_allclose(w[:, NAMES.index("train_loss")], 1.0)
+  others = [k for k in range(len(NAMES)) if include[k] and NAMES[k] != "train_loss"]
+  assert np.max(np.abs(w[:, others])) < 5e-3
+  assert np.all(fit["r2"] > 0.9999)
+  np.testing.assert_allclose(fit["eta"], 0.3, rtol=1e-3)
+  np.testing.assert_allclose(fit["metric"], 1.0, atol=2e-3)
+  assert np.all(fit["normalised_by_train"])
+  assert np.all(fit["gram_cond"] > 1.0)
+
+
+@pytest.mark.parametrize("lam", [0.01, 0.1, 0.3])
+def test_weight_decay_fit_and_endpoint(lam):
+  th, g, g_end, include, _ = _runs(0.3, lam, 60, 1500)
+  fit = _fit(th, g, include)
+  np.testing.assert_allclose(fit["w_norm"][:, NAMES.index("l2")], lam, rtol=0.03, atol=2e-4)
+  assert np.all(fit["r2"] > 0.999)
+  ep = endpoint_fit.endpoint_fit(g_end, NAMES, 0, np.asarray(g[:, 0, 0]), n_boot=100,
+                                 prior_include=include)
+  np.testing.assert_allclose(ep["w"][NAMES.index("l2")], lam, rtol=1e-2)
+  k = NAMES.index("l2")
+  assert ep["ci_low"][k] <= lam * 1.01 and ep["ci_high"][k] >= lam * 0.99
+  assert ep["rel_residual"] < 1e-6
+
+
+def test_endpoint_of_gd_is_train_loss_and_grad_norm_sq_is_invisible():
+  th, g, g_end, include, _ = _runs(0.3, 0.0, 40, 1500)
+  ep = endpoint_fit.endpoint_fit(g_end, NAMES, 0, np.asarray(g[:, 0, 0]), n_boot=50,
+                                 prior_include=include)
+  assert ep["excluded"]["grad_norm_sq"] == "vanishing"
+  assert ep["excluded"]["dist_opt"] == "vanishing"  # ∇ ½‖θ − θ*‖² = 0 at θ*
+  assert ep["w"][0] == 1.0
+  assert abs(ep["w"][NAMES.index("l2")]) < 1e-4
+
+
+def test_endpoint_solve_weights_closed_form():
+  # Two terms with gradients a and b at one point: min ‖a + w b‖² gives w = −⟨a,b⟩/‖b‖².
+  a, b = np.array([1.0, 2.0, 0.0]), np.array([0.5, -1.0, 3.0])
+  g = np.stack([a, b])[None]
+  w = endpoint_fit.solve_weights(np.einsum("ikn,iln->kl", g, g), np.array([True, True]))
+  np.testing.assert_allclose(w[1], -(a @ b) / (b @ b), rtol=1e-8)
+
+
+@pytest.mark.slow
+def test_central_difference_velocity_sees_implicit_gradient_regularisation():
+  """GD with step h follows the modified flow −∇(f + h/4‖∇f‖²) (Barrett & Dherin 2021): the
+  central-difference velocity fit over {train_loss, grad_norm_sq} (M = I) gives
+  w:grad_norm_sq ≈ h/2, with a higher-order bias that grows with h."""
+  fam = Quadratic(dim=8, cond=4.0, init_scale=1.0, eig_max=1.0)
+  inc = np.zeros(len(NAMES), bool)
+  inc[[NAMES.index("train_loss"), NAMES.index("grad_norm_sq")]] = True
+  fit = jax.jit(jax.vmap(lambda u, g: objective_fit.fit_objective(u, g, inc, fit_metric=False)))
+  rel = []
+  for h in (0.02, 0.05, 0.2):
+    th, g, *_ = _runs(h, 0.0, 40, 40, fam)
+    _, idx = objective_fit.displacements(th[0], "central")
+    vel = jax.vmap(lambda t: objective_fit.displacements(t, "central")[0])(th)
+    out = fit(vel, g[:, np.asarray(idx)])
+    rel.append(np.asarray(out["w_norm"])[:, NAMES.index("grad_norm_sq")] / (h / 2))
+    assert np.all(np.asarray(out["r2"]) > 0.9999)
+  np.testing.assert_allclose(rel[0], 1.0, rtol=0.05)
+  np.testing.assert_allclose(rel[1], 1.0, rtol=0.1)
+  assert np.all(rel[2] > rel[1]) and np.all(rel[2] > 1.1)  # the bias at larger h
