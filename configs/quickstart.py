@@ -63,9 +63,9 @@ def _config():
   c.eval.num_tasks = 64          # held-out tasks
   c.eval.num_tuning_tasks = 32   # separate tasks for the baselines' learning-rate grid search
   c.eval.baselines = ("sgd", "sgdm", "adam")
-  c.eval.lr_grid_min = 1e-4
+  c.eval.lr_grid_min = 1e-5
   c.eval.lr_grid_max = 3.0
-  c.eval.lr_grid_size = 15
+  c.eval.lr_grid_size = 16
   c.eval.curve_every = 5
   c.eval.n_boot = 1000
 

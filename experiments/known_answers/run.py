@@ -42,17 +42,18 @@ class Table:
   def __init__(self):
     self.lines, self.rows = [], []
 
-  def add(self, case, analysis, metric, measured, expected_text, ok, ci=None, optimizer=None):
+  def add(self, case, analysis, metric, measured, expected_text, ok, ci=None,
+          optimizer="hand-built", n=None):
     measured = float(measured)
     self.lines.append((case, analysis, metric, expected_text, measured, ci, bool(ok)))
     lo, hi = ci if ci is not None else (None, None)
-    self.rows.append(make_row(analysis, case, optimizer, metric, measured, lo, hi,
+    self.rows.append(make_row(analysis, case, optimizer, metric, measured, lo, hi, n,
                               expected=expected_text, passed=bool(ok)))
 
-  def from_rows(self, case, rows, analysis, metric, expected_text, check, optimizer=None):
+  def from_rows(self, case, rows, analysis, metric, expected_text, check):
     r = [x for x in rows if x["analysis"] == analysis and x["metric"] == metric][0]
     self.add(case, analysis, metric, r["value"], expected_text, check(r["value"]),
-             (r["ci_low"], r["ci_high"]), optimizer)
+             (r["ci_low"], r["ci_high"]), r["optimizer"], r["n"])
 
   def markdown(self) -> str:
     out = ["| known answer | analysis | metric | expected | measured [95% CI] | ok |",
@@ -235,7 +236,7 @@ def hidden_state_probes(t: Table):
       r = res[key]
       is_true = f"{d:g}" == true
       t.add(case, "probes", f"r2:{key}", r["r2"], "≈ 1" if is_true else "< 1 (not the true decay)",
-            r["r2"] > 0.999 if is_true else r["r2"] < 0.9, (r["r2_lo"], r["r2_hi"]))
+            r["r2"] > 0.999 if is_true else r["r2"] < 0.9, (r["r2_lo"], r["r2_hi"]), n=r["n"])
 
 
 def main(argv=None):
