@@ -121,7 +121,11 @@ def main(argv):
   except KeyboardInterrupt:
     print("interrupted (the latest state was checkpointed; rerun the same command to resume)",
           file=sys.stderr)
-    sys.exit(130)
+    sys.stdout.flush()
+    sys.stderr.flush()
+    # The checkpoint is on disk (saved synchronously). Skip interpreter teardown: tearing down
+    # jax/orbax background threads after an interrupt can crash the process (seen: SIGSEGV).
+    os._exit(130)
 
 
 if __name__ == "__main__":
