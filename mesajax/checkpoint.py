@@ -76,7 +76,3 @@ def _pick(workdir: str, step: int | None) -> int:
   if step not in steps:
     raise ValueError(f"no checkpoint at step {step} in {checkpoint_dir(workdir)}; saved steps: {steps}")
   return step
-
-
-def as_abstract(tree: Any) -> Any:
-  return jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding), tree)

@@ -91,7 +91,3 @@ class Optimizer:
       return out, OptaxState(state.step + 1, inner)
 
     return optax.GradientTransformationExtraArgs(init_fn, update_fn)
-
-
-def tree_add(a: PyTree, b: PyTree) -> PyTree:
-  return jax.tree.map(jnp.add, a, b)

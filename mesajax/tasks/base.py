@@ -90,19 +90,6 @@ class TaskFamily:
     return jax.vmap(self.sample)(jax.random.split(key, n))
 
 
-def random_rotation(key: Array, dim: int, dtype=jnp.float32) -> Array:
-  """A Haar-random orthogonal matrix (QR of a Gaussian matrix with the sign fix of Mezzadri 2007)."""
-  g = jax.random.normal(key, (dim, dim), dtype)
-  q, r = jnp.linalg.qr(g)
-  return q * jnp.sign(jnp.diagonal(r))[None, :]
-
-
-def log_uniform(key: Array, shape, low: float, high: float, dtype=jnp.float32) -> Array:
-  """Samples log-uniformly in [low, high]."""
-  u = jax.random.uniform(key, shape, dtype)
-  return jnp.exp(jnp.log(low) + u * (jnp.log(high) - jnp.log(low)))
-
-
 def check(cond: bool, msg: str) -> None:
   """Knob validation: raise a one-line ``ValueError``."""
   if not cond:

@@ -61,7 +61,7 @@ def log_uniform_from_normal(z: Array, low: float, high: float) -> Array:
 
 def haar_rotation(g_DxD: Array) -> Array:
   """Haar-random orthogonal matrix from a standard Gaussian matrix: QR with the sign fix of
-  Mezzadri (2007), as ``base.random_rotation`` but from a given Gaussian draw."""
+  Mezzadri (2007), from a given Gaussian draw."""
   q, r = jnp.linalg.qr(g_DxD)
   return q * jnp.sign(jnp.diagonal(r))[None, :]
 
