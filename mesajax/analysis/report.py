@@ -12,6 +12,8 @@ import os
 
 import numpy as np
 
+from mesajax.report.rows import ordered_unique
+
 ANALYSES = ("nci", "transverse", "nci_metric", "quasi_static", "objective_fit", "endpoint_fit",
             "alignment", "probes")
 
@@ -58,14 +60,6 @@ def _cell(r: dict) -> str:
   return s
 
 
-def _ordered(values):
-  seen = []
-  for v in values:
-    if v not in seen:
-      seen.append(v)
-  return seen
-
-
 def report_section(rows: list[dict]) -> str:
   """Markdown: one ``###`` subsection per analysis with a table per optimizer (metrics × splits);
   the caller supplies the section heading."""
@@ -79,10 +73,10 @@ def report_section(rows: list[dict]) -> str:
     if not sub:
       continue
     out += [f"### {analysis}", "", HOW_TO_READ[analysis], ""]
-    for opt in _ordered(r["optimizer"] for r in sub):
+    for opt in ordered_unique(r["optimizer"] for r in sub):
       rs = [r for r in sub if r["optimizer"] == opt]
-      splits = _ordered(r["split"] for r in rs)
-      metrics = _ordered(r["metric"] for r in rs)
+      splits = ordered_unique(r["split"] for r in rs)
+      metrics = ordered_unique(r["metric"] for r in rs)
       table = {(r["metric"], r["split"]): r for r in rs}
       out += [f"optimizer `{opt}`", "", "| metric | " + " | ".join(splits) + " |",
               "|---" * (len(splits) + 1) + "|"]
@@ -127,8 +121,8 @@ def make_figures(rows: list[dict], outdir: str) -> list[str]:
 
   rows = [r for r in rows if r.get("analysis") in ANALYSES]
   os.makedirs(outdir, exist_ok=True)
-  opts = _ordered(r["optimizer"] for r in rows)
-  splits = _ordered(r["split"] for r in rows)
+  opts = ordered_unique(r["optimizer"] for r in rows)
+  splits = ordered_unique(r["split"] for r in rows)
   have = {(r["analysis"], r["metric"]) for r in rows}
   paths = []
 
@@ -152,13 +146,13 @@ def make_figures(rows: list[dict], outdir: str) -> list[str]:
                                     ("alignment", "descent_ratio"),
                                     ("alignment", "descent_ratio_late"),
                                     ("alignment", "frac_outer_descent")], "alignment")
-  terms = _ordered(r["metric"][len("share:"):] for r in rows
+  terms = ordered_unique(r["metric"][len("share:"):] for r in rows
                    if r["analysis"] == "objective_fit" and r["metric"].startswith("share:"))
   figure("analysis_objective_fit.png", [("objective_fit", f"share:{t}") for t in terms],
          "share of fitted gradient")
-  decays = _ordered(r["metric"].split("@")[1] for r in rows
+  decays = ordered_unique(r["metric"].split("@")[1] for r in rows
                     if r["analysis"] == "probes" and r["metric"].startswith("r2:ema_g@"))
-  probe_opts = _ordered(r["optimizer"] for r in rows if r["analysis"] == "probes")
+  probe_opts = ordered_unique(r["optimizer"] for r in rows if r["analysis"] == "probes")
   if decays:
     fig, axes = plt.subplots(1, len(probe_opts), figsize=(4.5 * len(probe_opts), 3.4),
                              squeeze=False)

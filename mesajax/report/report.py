@@ -19,7 +19,7 @@ import os
 from typing import Any, Sequence
 
 from mesajax.report import figures
-from mesajax.report.rows import read_rows
+from mesajax.report.rows import ordered_unique, read_rows
 
 EVAL_METRICS = ("final_outer_loss", "mean_outer_loss", "diverged_frac")
 METRIC_TITLES = {"final_outer_loss": "final outer loss", "mean_outer_loss": "mean outer loss",
@@ -74,17 +74,9 @@ def _find(rows, analysis, split, optimizer, metric, **extra):
   return None
 
 
-def _ordered(seq):
-  out = []
-  for x in seq:
-    if x not in out:
-      out.append(x)
-  return out
-
-
 def learned_and_baselines(rows: Sequence[dict]) -> tuple[list[str], list[str]]:
   """Optimizer names in the eval rows: learned ones (not tuned) first, then the tuned baselines."""
-  evals = _ordered(r["optimizer"] for r in rows if r.get("analysis") == "eval")
+  evals = ordered_unique(r["optimizer"] for r in rows if r.get("analysis") == "eval")
   tuned = set(r["optimizer"] for r in rows if r.get("analysis") == "tuning") | set(KNOWN_BASELINES)
   baselines = [b for b in KNOWN_BASELINES if b in evals] + [o for o in evals
                                                              if o in tuned and o not in KNOWN_BASELINES]

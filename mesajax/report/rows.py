@@ -52,3 +52,8 @@ def read_rows(path: str) -> list[dict]:
     return []
   with open(path) as f:
     return [json.loads(line) for line in f if line.strip()]
+
+
+def ordered_unique(values: Iterable) -> list:
+  """Distinct values in order of first appearance (table row/column order)."""
+  return list(dict.fromkeys(values))

@@ -20,7 +20,6 @@ import dataclasses
 from typing import Any, Callable, Mapping
 
 import jax
-import jax.numpy as jnp
 
 PyTree = Any
 Array = jax.Array
@@ -94,3 +93,8 @@ def check(cond: bool, msg: str) -> None:
   """Knob validation: raise a one-line ``ValueError``."""
   if not cond:
     raise ValueError(msg)
+
+
+def is_int(v) -> bool:
+  """An integer knob value (bools are ints in Python, but not valid sizes)."""
+  return isinstance(v, int) and not isinstance(v, bool)

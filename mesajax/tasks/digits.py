@@ -36,14 +36,10 @@ import jax.numpy as jnp
 import numpy as np
 
 from mesajax.tasks import classifier, data
-from mesajax.tasks.base import check
+from mesajax.tasks.base import check, is_int
 from mesajax.tasks.mlp import ClassifierFamily
 
 N_IMAGES, N_PIXELS, N_CLASSES = 1797, 64, 10
-
-
-def _is_int(v) -> bool:
-  return isinstance(v, int) and not isinstance(v, bool)
 
 
 @functools.lru_cache(maxsize=1)
@@ -78,7 +74,7 @@ class Digits(ClassifierFamily):
                            self.activation)
 
   def validate(self) -> None:
-    check(_is_int(self.hidden) and self.hidden >= 0,
+    check(is_int(self.hidden) and self.hidden >= 0,
           f"digits: hidden must be an int >= 0, got {self.hidden!r}")
     self._validate_common()
     check(self.n_train + self.n_val <= N_IMAGES,

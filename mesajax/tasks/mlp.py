@@ -44,11 +44,7 @@ import jax
 import jax.numpy as jnp
 
 from mesajax.tasks import classifier, data
-from mesajax.tasks.base import TaskFamily, check
-
-
-def _is_int(v) -> bool:
-  return isinstance(v, int) and not isinstance(v, bool)
+from mesajax.tasks.base import TaskFamily, check, is_int
 
 
 @dataclasses.dataclass(frozen=True)
@@ -99,11 +95,11 @@ class ClassifierFamily(TaskFamily):
 
   def _validate_common(self) -> None:
     n = self.name
-    check(_is_int(self.n_train) and self.n_train >= 1,
+    check(is_int(self.n_train) and self.n_train >= 1,
           f"{n}: n_train must be an int >= 1, got {self.n_train!r}")
-    check(_is_int(self.n_val) and self.n_val >= 1,
+    check(is_int(self.n_val) and self.n_val >= 1,
           f"{n}: n_val must be an int >= 1, got {self.n_val!r}")
-    check(self.batch_size is None or (_is_int(self.batch_size) and self.batch_size >= 1),
+    check(self.batch_size is None or (is_int(self.batch_size) and self.batch_size >= 1),
           f"{n}: batch_size must be None or an int >= 1, got {self.batch_size!r}")
     check(self.activation in classifier.ACTIVATIONS,
           f"{n}: activation must be one of {sorted(classifier.ACTIVATIONS)}, "
@@ -134,14 +130,14 @@ class TeacherMLP(ClassifierFamily):
     return classifier.Arch(self.dim, self.width, self.depth, self.n_classes, self.activation)
 
   def validate(self) -> None:
-    check(_is_int(self.dim) and self.dim >= 1, f"mlp: dim must be an int >= 1, got {self.dim!r}")
-    check(_is_int(self.n_classes) and self.n_classes >= 2,
+    check(is_int(self.dim) and self.dim >= 1, f"mlp: dim must be an int >= 1, got {self.dim!r}")
+    check(is_int(self.n_classes) and self.n_classes >= 2,
           f"mlp: n_classes must be an int >= 2, got {self.n_classes!r}")
-    check(_is_int(self.width) and self.width >= 1,
+    check(is_int(self.width) and self.width >= 1,
           f"mlp: width must be an int >= 1, got {self.width!r}")
-    check(_is_int(self.depth) and self.depth >= 0,
+    check(is_int(self.depth) and self.depth >= 0,
           f"mlp: depth must be an int >= 0, got {self.depth!r}")
-    check(_is_int(self.teacher_width) and self.teacher_width >= 1,
+    check(is_int(self.teacher_width) and self.teacher_width >= 1,
           f"mlp: teacher_width must be an int >= 1, got {self.teacher_width!r}")
     self._validate_common()
 

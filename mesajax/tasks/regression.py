@@ -51,11 +51,7 @@ import jax
 import jax.numpy as jnp
 
 from mesajax.tasks import data
-from mesajax.tasks.base import TaskFamily, check
-
-
-def _is_int(v) -> bool:
-  return isinstance(v, int) and not isinstance(v, bool)
+from mesajax.tasks.base import TaskFamily, check, is_int
 
 
 @dataclasses.dataclass(frozen=True)
@@ -82,14 +78,14 @@ class _GaussianRegression(TaskFamily):
   # --- the interface -------------------------------------------------------------------------
   def validate(self) -> None:
     n = self.name
-    check(_is_int(self.dim) and self.dim >= 1, f"{n}: dim must be an int >= 1, got {self.dim!r}")
-    check(_is_int(self.n_train) and self.n_train >= 1,
+    check(is_int(self.dim) and self.dim >= 1, f"{n}: dim must be an int >= 1, got {self.dim!r}")
+    check(is_int(self.n_train) and self.n_train >= 1,
           f"{n}: n_train must be an int >= 1, got {self.n_train!r}")
-    check(_is_int(self.n_val) and self.n_val >= 1,
+    check(is_int(self.n_val) and self.n_val >= 1,
           f"{n}: n_val must be an int >= 1, got {self.n_val!r}")
     check(self.input_cond >= 1.0, f"{n}: input_cond must be >= 1, got {self.input_cond!r}")
     check(self.init_scale >= 0.0, f"{n}: init_scale must be >= 0, got {self.init_scale!r}")
-    check(self.batch_size is None or (_is_int(self.batch_size) and self.batch_size >= 1),
+    check(self.batch_size is None or (is_int(self.batch_size) and self.batch_size >= 1),
           f"{n}: batch_size must be None or an int >= 1, got {self.batch_size!r}")
 
   def sample(self, key):
