@@ -46,6 +46,8 @@ def _build(table, kind, name, kwargs):
   # Configs and JSON turn tuples into lists; options must stay hashable (static under jit).
   kwargs = {k: tuple(v) if isinstance(v, list) else v for k, v in kwargs.items()}
   obj = cls(**kwargs)
+  if hasattr(obj, "check_finite"):
+    obj.check_finite()
   obj.validate()
   return obj
 

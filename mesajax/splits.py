@@ -18,6 +18,7 @@ from typing import Any
 import jax
 
 from mesajax.registry import make_task_family
+from mesajax.tasks import views
 
 PURPOSES = ("meta_train", "select", "tune", "heldout", "analysis")
 
@@ -73,3 +74,21 @@ def make_splits(config, names=None) -> dict[str, Split]:
       raise ValueError(f"unknown split(s) {missing}; known: {sorted(splits)}")
     splits = {k: v for k, v in splits.items() if k in names}
   return splits
+
+
+def purpose_keys(seed: int, purpose: str, split_name: str, num_tasks: int):
+  """``(task_keys, run_keys)``, ``[num_tasks, 2]`` each, of one purpose's stream on one split.
+
+  Sampling at ``task_keys`` gives ``family.sample_batch(k_tasks, num_tasks)`` with
+  ``k_tasks, k_runs = split(purpose_key(seed, purpose, split_name))``; ``run_keys`` seed each task's
+  initialisation and minibatches (``rollout.run_curve``).
+  """
+  k_tasks, k_runs = jax.random.split(purpose_key(seed, purpose, split_name))
+  return jax.random.split(k_tasks, num_tasks), jax.random.split(k_runs, num_tasks)
+
+
+def purpose_tasks(family, seed: int, purpose: str, split_name: str, num_tasks: int):
+  """``(prepared, run_keys)``: ``num_tasks`` tasks of ``family`` from one purpose's key stream,
+  prepared for ``views.PresetInit(family)`` (``prepared["task"]`` holds the family's task pytrees)."""
+  task_keys, run_keys = purpose_keys(seed, purpose, split_name, num_tasks)
+  return views.prepare_tasks(family, task_keys, run_keys), run_keys

@@ -3,6 +3,7 @@ import jax
 import numpy as np
 from jax.flatten_util import ravel_pytree
 
+from mesajax.tasks.views import FullBatch
 from mesajax.analysis import alignment, fields
 from mesajax.optimizers.baselines import SGD
 from mesajax.rollout import run_trajectory
@@ -12,7 +13,7 @@ from mesajax.tasks.regression import LinearRegression
 def _gd_alignment(fam, steps=300, lr=0.3, seed=0):
   task = fam.sample(jax.random.PRNGKey(seed))
   opt = SGD(learning_rate=lr)
-  states, _ = run_trajectory(opt, opt.init_phi(None), fields.FullBatch(fam), task,
+  states, _ = run_trajectory(opt, opt.init_phi(None), FullBatch(fam), task,
                              jax.random.PRNGKey(seed + 1), steps)
   flat = lambda p: ravel_pytree(p)[0]
   th = np.asarray(jax.vmap(flat)(states.params))

@@ -6,6 +6,7 @@ import numpy as np
 import pytest
 from jax.flatten_util import ravel_pytree
 
+from mesajax.tasks.views import FullBatch
 from mesajax.analysis import dictionary, endpoint_fit, fields, objective_fit
 from mesajax.optimizers.baselines import SGD
 from mesajax.rollout import run_curve, run_trajectory
@@ -23,7 +24,7 @@ def _runs(lr, lam, steps, end_steps, fam=FAM):
   phi = opt.init_phi(None)
   tasks = fam.sample_batch(jax.random.PRNGKey(0), N_TASKS)
   keys = jax.random.split(jax.random.PRNGKey(1), N_TASKS)
-  fb = fields.FullBatch(fam)
+  fb = FullBatch(fam)
 
   def one(task, key):
     states, _ = run_trajectory(opt, phi, fb, task, key, steps)

@@ -13,7 +13,8 @@ from jax.flatten_util import ravel_pytree
 
 from mesajax.optimizers.base import make_context
 from mesajax.optimizers.baselines import SGD, SGDM, Adam, RMSProp
-from mesajax.optimizers.mlp_lopt import DECAYS, TIME_SCALES, MLPLOpt
+from mesajax.optimizers.features import TIME_SCALES
+from mesajax.optimizers.mlp_lopt import DECAYS, MLPLOpt
 from mesajax.optimizers.rnn_lopt import RNNLOpt
 from mesajax.registry import OPTIMIZERS, make_optimizer
 

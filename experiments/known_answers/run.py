@@ -22,6 +22,7 @@ import ml_collections
 import numpy as np
 from jax.flatten_util import ravel_pytree
 
+from mesajax.tasks.views import FullBatch
 from mesajax.analysis import fields, nci, objective_fit, probes, suite
 from mesajax.analysis import dictionary
 from mesajax.optimizers.baselines import SGD, SGDM, Adam, RMSProp
@@ -203,7 +204,7 @@ def implicit_gradient_regularisation(t: Table):
     opt = SGD(learning_rate=h)
 
     def one(task, key):
-      states, _ = run_trajectory(opt, opt.init_phi(None), fields.FullBatch(fam), task, key, 40)
+      states, _ = run_trajectory(opt, opt.init_phi(None), FullBatch(fam), task, key, 40)
       p0 = jax.tree.map(lambda x: x[0], states.params)
       _, g = jax.vmap(lambda p: dictionary.values_and_grads(fam, task, p, p0))(states.params)
       return jax.vmap(lambda p: ravel_pytree(p)[0])(states.params), g

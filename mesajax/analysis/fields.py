@@ -12,8 +12,7 @@ product of u costs about one Hessian-vector product of L_train (forward-over-rev
 forward-mode pass through ``opt.update``.
 
 Also here: the update as a function of the gradient at fixed θ (for the optimizer's own diagonal
-sensitivity ∂u/∂g), and a full-batch adapter that makes ``mesajax.rollout`` trajectories
-deterministic (the analyses use full batches throughout).
+sensitivity ∂u/∂g). The analyses use full batches throughout (``mesajax.tasks.views.FullBatch``).
 """
 from __future__ import annotations
 
@@ -28,24 +27,6 @@ from mesajax.optimizers.base import StepContext
 PyTree = Any
 Array = jax.Array
 FlatField = Callable[[Array], Array]
-
-
-class FullBatch:
-  """A task-family view whose ``train_loss`` is the deterministic ``train_loss_full``.
-
-  Passing ``FullBatch(family)`` to ``mesajax.rollout.run_trajectory`` / ``run_curve`` gives
-  full-batch (noise-free) inner runs; every other attribute is the wrapped family's.
-  """
-
-  def __init__(self, family):
-    self.family = family
-
-  def train_loss(self, params, task, key):
-    del key
-    return self.family.train_loss_full(params, task)
-
-  def __getattr__(self, name):
-    return getattr(self.family, name)
 
 
 def with_loss(ctx: StepContext, loss: Array) -> StepContext:

@@ -35,6 +35,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax.flatten_util import ravel_pytree
 
+from mesajax.tasks.views import FullBatch
 from mesajax.analysis import alignment as align_mod
 from mesajax.analysis import dictionary, endpoint_fit, fields, nci, objective_fit, probes
 from mesajax.analysis import quasi_static as qs
@@ -76,7 +77,7 @@ def validate(acfg) -> None:
 
 @functools.lru_cache(maxsize=64)
 def _trajectory_fn(opt, family, num_steps, want_curvature):
-  fb = fields.FullBatch(family)
+  fb = FullBatch(family)
 
   def one(phi, horizon, task, key):
     states, _ = run_trajectory(opt, phi, fb, task, key, num_steps, horizon)
@@ -201,7 +202,7 @@ def _fit_fn(n_iter, train_index):
 def _endpoint_fn(opt, family):
   """Runs ``steps`` (traced, so one compilation serves every run length) full-batch steps and
   returns the dictionary gradients and the update norm at the end point."""
-  fb = fields.FullBatch(family)
+  fb = FullBatch(family)
 
   def one(phi, horizon, steps, task, key):
     k_init, k_run = jax.random.split(key)

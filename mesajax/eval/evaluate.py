@@ -7,7 +7,7 @@ optimizer runs for the split's full horizon T, vmapped over tasks (``mesajax.rol
 in ``evaluate_all`` the learned optimizer and the tuned baselines of a split share one compiled
 program, compiled once per set of optimizers / family / horizon / task count), recording the
 full-batch outer loss L_out every ``curve_every`` steps: points t = 0, e, 2e, ..., T. Tasks and
-their initial points are drawn once per split (``tuning.prepare_tasks`` / ``tuning.PresetInit``)
+their initial points are drawn once per split (``tasks.views.prepare_tasks`` / ``tasks.views.PresetInit``)
 and shared by all optimizers and by every compiled run.
 
 Per task m the metrics are
@@ -39,6 +39,8 @@ import jax.numpy as jnp
 import numpy as np
 
 from mesajax.eval import stats, tuning
+from mesajax.splits import purpose_keys, purpose_tasks
+from mesajax.tasks.views import PresetInit, prepare_tasks
 from mesajax.registry import OPTIMIZERS, make_optimizer
 from mesajax.report.rows import make_row
 from mesajax.rollout import run_curve
@@ -61,17 +63,17 @@ def _run_tasks(opts, phis, family, tasks, keys, horizon, every):
 def heldout_tasks(family, num_tasks: int, seed: int, split_name: str):
   """``(prepared, run_keys)``: the split's held-out tasks (``prepared["task"]``, as
   ``family.sample_batch`` would draw them from ``purpose_key(seed, "heldout", split_name)``), their
-  initial points and init / minibatch keys (``tuning.PresetInit``)."""
-  return tuning.purpose_tasks(family, seed, "heldout", split_name, num_tasks)
+  initial points and init / minibatch keys (``tasks.views.PresetInit``)."""
+  return purpose_tasks(family, seed, "heldout", split_name, num_tasks)
 
 
 def split_tasks(split, cfg_eval, seed: int):
   """``{"tune": (prepared, keys), "heldout": (prepared, keys)}`` for one split, prepared in one call
   (the same as ``tuning.tuning_tasks`` / ``heldout_tasks``; one sampler compile per split)."""
   n_tune, n_held = int(cfg_eval.num_tuning_tasks), int(cfg_eval.num_tasks)
-  tk_tune, rk_tune = tuning.purpose_keys(seed, "tune", split.name, n_tune)
-  tk_held, rk_held = tuning.purpose_keys(seed, "heldout", split.name, n_held)
-  tasks = tuning.prepare_tasks(split.family, jnp.concatenate([tk_tune, tk_held]),
+  tk_tune, rk_tune = purpose_keys(seed, "tune", split.name, n_tune)
+  tk_held, rk_held = purpose_keys(seed, "heldout", split.name, n_held)
+  tasks = prepare_tasks(split.family, jnp.concatenate([tk_tune, tk_held]),
                                jnp.concatenate([rk_tune, rk_held]))
   take = lambda lo, hi: jax.tree.map(lambda x: x[lo:hi], tasks)  # noqa: E731
   return {"tune": (take(0, n_tune), rk_tune), "heldout": (take(n_tune, n_tune + n_held), rk_held)}
@@ -130,7 +132,7 @@ def evaluate_many(entries, split, cfg_eval, seed: int, tasks=None) -> list[tuple
     tasks = heldout_tasks(split.family, int(cfg_eval.num_tasks), seed, split.name)
   tasks, keys = tasks
   opts, phis, names = zip(*entries)
-  outs = _run_tasks(tuple(opts), tuple(phis), tuning.PresetInit(split.family), tasks, keys,
+  outs = _run_tasks(tuple(opts), tuple(phis), PresetInit(split.family), tasks, keys,
                     horizon, every)
   return [_summarise(np.asarray(o, np.float64), name, split, cfg_eval, seed)
           for o, name in zip(outs, names)]

@@ -26,7 +26,6 @@ and compute") and Wu et al. 2018 (short-horizon bias) for hand-designed baseline
 """
 from __future__ import annotations
 
-import dataclasses
 import functools
 import math
 from typing import Any, NamedTuple
@@ -37,8 +36,8 @@ import numpy as np
 
 from mesajax.eval import stats
 from mesajax.rollout import run_curve
-from mesajax.splits import purpose_key
-from mesajax.tasks.base import TaskFamily
+from mesajax.splits import purpose_tasks
+from mesajax.tasks.views import PresetInit
 
 PyTree = Any
 
@@ -92,67 +91,6 @@ def _grid_endpoints(opts, phis_G, family, tasks, keys, horizon, phi_keys):
     return jax.vmap(over_tasks, in_axes=(in_axes, None, None))(phi_G, tasks, keys)
 
   return tuple(endpoints(o, p, k) for o, p, k in zip(opts, phis_G, phi_keys))
-
-
-@dataclasses.dataclass(frozen=True)
-class PresetInit(TaskFamily):
-  """``base`` with each task's initial point precomputed: tasks are ``{"task", "params0"}``.
-
-  ``prepare_tasks`` draws ``params0 = base.init(k_init, task)`` with the key ``run_curve`` would use
-  (``k_init, _ = split(run_key)``), once per split, so an evaluation or tuning run of
-  ``run_curve(opt, phi, PresetInit(base), prepared, run_key, ...)`` is the same computation as
-  ``run_curve(opt, phi, base, task, run_key, ...)`` while the per-optimizer compiled programs hold no
-  random initialisation (on CPU, compiling vmapped random-number generation dominated them: ~4x).
-  """
-
-  base: Any = None
-  name = "preset_init"
-
-  def init(self, key, task):
-    return task["params0"]
-
-  def train_loss(self, params, task, key):
-    return self.base.train_loss(params, task["task"], key)
-
-  def outer_loss(self, params, task, key):
-    return self.base.outer_loss(params, task["task"], key)
-
-  def train_loss_full(self, params, task):
-    return self.base.train_loss_full(params, task["task"])
-
-  def outer_loss_full(self, params, task):
-    return self.base.outer_loss_full(params, task["task"])
-
-
-@functools.partial(jax.jit, static_argnames=("family",))
-def prepare_tasks(family, task_keys, run_keys):
-  """``{"task": family.sample per task key, "params0": initial points}`` in one compiled call
-  (``PresetInit``). A ``lax.map`` over tasks, not ``vmap``: the same values, and on CPU it compiles
-  about twice as fast (vmapped random-number generation is slow to compile); it runs once per split.
-  """
-  def one(keys):
-    task_key, run_key = keys
-    task = family.sample(task_key)
-    return {"task": task, "params0": family.init(jax.random.split(run_key)[0], task)}
-  return jax.lax.map(one, (task_keys, run_keys))
-
-
-def purpose_keys(seed: int, purpose: str, split_name: str, num_tasks: int):
-  """``(task_keys, run_keys)``, ``[num_tasks, 2]`` each, of one purpose's stream on one split.
-
-  Sampling at ``task_keys`` gives ``family.sample_batch(k_tasks, num_tasks)`` with
-  ``k_tasks, k_runs = split(purpose_key(seed, purpose, split_name))``; ``run_keys`` seed each task's
-  initialisation and minibatches (``rollout.run_curve``).
-  """
-  k_tasks, k_runs = jax.random.split(purpose_key(seed, purpose, split_name))
-  return jax.random.split(k_tasks, num_tasks), jax.random.split(k_runs, num_tasks)
-
-
-def purpose_tasks(family, seed: int, purpose: str, split_name: str, num_tasks: int):
-  """``(prepared, run_keys)``: ``num_tasks`` tasks of ``family`` from one purpose's key stream,
-  prepared for ``PresetInit(family)`` (``prepared["task"]`` holds the family's task pytrees)."""
-  task_keys, run_keys = purpose_keys(seed, purpose, split_name, num_tasks)
-  return prepare_tasks(family, task_keys, run_keys), run_keys
 
 
 def tuning_tasks(family, num_tasks: int, seed: int, split_name: str):

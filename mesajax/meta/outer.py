@@ -33,7 +33,9 @@ from mesajax.meta import sharding as shd
 from mesajax.meta.estimators import Estimator
 from mesajax.meta.truncation import Unroller
 from mesajax.registry import make_optimizer
+from mesajax.rollout import run_curve
 from mesajax.splits import purpose_key, training_family
+from mesajax.tasks.views import PresetInit, prepare_tasks
 
 PyTree = Any
 
@@ -142,8 +144,6 @@ class MetaTrainer:
   def validation_score(self):
     """``score(phi) -> float32``: see the module docstring. Jitted once; tasks drawn once."""
     if getattr(self, "_score_fn", None) is None:
-      from mesajax.eval.tuning import PresetInit, prepare_tasks
-      from mesajax.rollout import run_curve
       c = self.config
       n, horizon = int(c.meta.select_tasks), int(c.meta.horizon)
       key = purpose_key(int(c.seed), "select", "train")

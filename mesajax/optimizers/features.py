@@ -15,6 +15,9 @@ from typing import Sequence
 import jax
 import jax.numpy as jnp
 
+# Metz et al.'s time-feature scales τ (learned_optimization's MLPLOpt): tanh(t/τ − 1) per τ.
+TIME_SCALES = (1.0, 3.0, 10.0, 30.0, 100.0, 300.0, 1e3, 3e3, 1e4, 3e4, 1e5)
+
 
 def second_moment_normalize(x_FxN: jax.Array, eps: float) -> jax.Array:
   """x · rsqrt(mean over the tensor of x² + ε), per feature (row) of one leaf's ``x_FxN``.

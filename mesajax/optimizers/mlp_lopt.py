@@ -41,11 +41,10 @@ import jax.numpy as jnp
 from flax import nnx
 
 from mesajax.optimizers.base import Optimizer, PyTree, StepContext
-from mesajax.optimizers.features import (feature_row, second_moment_normalize, split_rows,
-                                          time_features)
+from mesajax.optimizers.features import (TIME_SCALES, feature_row, second_moment_normalize,
+                                          split_rows, time_features)
 
 DECAYS = (0.1, 0.5, 0.9, 0.99, 0.999, 0.9999)
-TIME_SCALES = (1.0, 3.0, 10.0, 30.0, 100.0, 300.0, 1e3, 3e3, 1e4, 3e4, 1e5)
 
 
 class MLPLOptState(NamedTuple):

@@ -36,9 +36,8 @@ import jax.numpy as jnp
 from flax import nnx
 
 from mesajax.optimizers.base import Optimizer, PyTree, StepContext
-from mesajax.optimizers.features import (feature_row, log_sign_preprocess, second_moment_normalize,
-                                          split_rows, time_features)
-from mesajax.optimizers.mlp_lopt import TIME_SCALES
+from mesajax.optimizers.features import (TIME_SCALES, feature_row, log_sign_preprocess,
+                                          second_moment_normalize, split_rows, time_features)
 
 CELLS = ("lstm", "gru")
 

@@ -17,7 +17,8 @@ the inner/outer objective split made explicit: ``train_loss`` is what the inner 
 from __future__ import annotations
 
 import dataclasses
-from typing import Any, Callable, Mapping
+import math
+from typing import Any, Callable, ClassVar, Mapping
 
 import jax
 
@@ -34,6 +35,18 @@ class TaskFamily:
   """
 
   name = "base"
+
+  # --- declarations read by the shared tests, the configs and the CLI (override per family) --
+  #: Knob values that make the family small and quick, for the registry-wide smoke tests.
+  test_kwargs: ClassVar[dict] = {}
+  #: A valid value *different from the default* for every knob: the shared tests build the family
+  #: shifted by each entry (so every knob is exercised) and by all of them at once.
+  test_shift: ClassVar[dict] = {}
+  #: A plain gradient-descent step size at which the full-batch training loss decreases.
+  gd_lr: ClassVar[float] = 0.1
+  #: Named shifts (``{"name": {"task": {...}, "horizon_mult": k}}``) that a config choosing this
+  #: family by name gets by default.
+  default_shifts: ClassVar[dict] = {}
 
   # --- the interface -------------------------------------------------------------------------
   def sample(self, key: Array) -> PyTree:
@@ -69,7 +82,23 @@ class TaskFamily:
     return {}
 
   def validate(self) -> None:
-    """Raises ``ValueError`` with a one-line message when a knob is out of range."""
+    """Raises ``ValueError`` with a one-line message when a knob is out of range.
+
+    Subclasses check ranges; ``check_finite`` (called by the registry and ``replace``) has already
+    rejected NaN and infinite numbers, which pass most range comparisons."""
+
+  def oracle(self, task: PyTree) -> PyTree | None:
+    """The parameters with the lowest achievable *expected* outer loss for ``task`` when they are
+    computable in closed form (e.g. the Bayes posterior mean of a linear regression, the minimiser
+    of a quadratic), else ``None``. Evaluation reports their outer loss as a reference row."""
+    return None
+
+  def check_finite(self) -> None:
+    """Rejects non-finite float knobs with a one-line ``ValueError``."""
+    for f in dataclasses.fields(self):
+      v = getattr(self, f.name)
+      if isinstance(v, float) and not math.isfinite(v):
+        raise ValueError(f"{self.name}: {f.name} must be a finite number, got {v!r}")
 
   # --- helpers -----------------------------------------------------------------------------
   def replace(self, **overrides) -> "TaskFamily":
@@ -79,6 +108,7 @@ class TaskFamily:
     if unknown:
       raise ValueError(f"task family {self.name!r} has no knob(s) {unknown}; knobs: {sorted(known)}")
     out = dataclasses.replace(self, **overrides)
+    out.check_finite()
     out.validate()
     return out
 

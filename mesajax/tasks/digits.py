@@ -37,7 +37,7 @@ import numpy as np
 
 from mesajax.tasks import classifier, data
 from mesajax.tasks.base import check, is_int
-from mesajax.tasks.mlp import ClassifierFamily
+from mesajax.tasks.classifier import ClassifierFamily
 
 N_IMAGES, N_PIXELS, N_CLASSES = 1797, 64, 10
 

@@ -44,68 +44,8 @@ import jax
 import jax.numpy as jnp
 
 from mesajax.tasks import classifier, data
-from mesajax.tasks.base import TaskFamily, check, is_int
-
-
-@dataclasses.dataclass(frozen=True)
-class ClassifierFamily(TaskFamily):
-  """Shared part of the classification families: an MLP student on ``x_*``/``y_*`` arrays.
-
-  Subclasses define ``arch`` (a :class:`classifier.Arch`), ``sample`` and the knobs
-  ``batch_size``; the task pytree holds ``x_train, y_train, x_val, y_val``.
-  """
-
-  name = "_classifier"
-
-  @property
-  def arch(self) -> classifier.Arch:
-    raise NotImplementedError
-
-  def logits(self, params, x_NxD):
-    return classifier.apply(params, self.arch, x_NxD)
-
-  def init(self, key, task):
-    return classifier.init(key, self.arch)
-
-  def train_loss(self, params, task, key):
-    x, y = data.minibatch(key, (task["x_train"], task["y_train"]), self.batch_size)
-    return classifier.cross_entropy(self.logits(params, x), y)
-
-  def train_loss_full(self, params, task):
-    return classifier.cross_entropy(self.logits(params, task["x_train"]), task["y_train"])
-
-  def outer_loss_full(self, params, task):
-    return classifier.cross_entropy(self.logits(params, task["x_val"]), task["y_val"])
-
-  def error_rate(self, params, task, split: str = "val"):
-    """0-1 error on ``split`` (evaluation metric; zero gradient, so not a proxy)."""
-    return classifier.error_rate(self.logits(params, task[f"x_{split}"]), task[f"y_{split}"])
-
-  def proxies(self):
-    def train_hinge(params, task):
-      """Multiclass hinge on the training rows: stops pushing once every margin is >= 1."""
-      return classifier.multiclass_hinge(self.logits(params, task["x_train"]), task["y_train"])
-
-    def neg_margin(params, task):
-      """Minus the mean training margin z_y - max_{c != y} z_c: rewards confident fitting of the
-      training labels (noisy ones included) at any scale."""
-      return -jnp.mean(classifier.margins(self.logits(params, task["x_train"]), task["y_train"]))
-
-    return {"train_hinge": train_hinge, "neg_margin": neg_margin}
-
-  def _validate_common(self) -> None:
-    n = self.name
-    check(is_int(self.n_train) and self.n_train >= 1,
-          f"{n}: n_train must be an int >= 1, got {self.n_train!r}")
-    check(is_int(self.n_val) and self.n_val >= 1,
-          f"{n}: n_val must be an int >= 1, got {self.n_val!r}")
-    check(self.batch_size is None or (is_int(self.batch_size) and self.batch_size >= 1),
-          f"{n}: batch_size must be None or an int >= 1, got {self.batch_size!r}")
-    check(self.activation in classifier.ACTIVATIONS,
-          f"{n}: activation must be one of {sorted(classifier.ACTIVATIONS)}, "
-          f"got {self.activation!r}")
-    check(0.0 <= self.label_noise <= 1.0,
-          f"{n}: label_noise must be in [0, 1], got {self.label_noise!r}")
+from mesajax.tasks.base import check, is_int
+from mesajax.tasks.classifier import ClassifierFamily
 
 
 @dataclasses.dataclass(frozen=True)

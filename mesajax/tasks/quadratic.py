@@ -45,7 +45,7 @@ import jax
 import jax.numpy as jnp
 
 from mesajax.tasks import data
-from mesajax.tasks.base import TaskFamily, check
+from mesajax.tasks.base import TaskFamily, check, is_int
 
 
 @dataclasses.dataclass(frozen=True)
@@ -63,7 +63,7 @@ class Quadratic(TaskFamily):
   noise: float = 0.0
 
   def validate(self) -> None:
-    check(isinstance(self.dim, int) and not isinstance(self.dim, bool) and self.dim >= 1,
+    check(is_int(self.dim) and self.dim >= 1,
           f"quadratic: dim must be an int >= 1, got {self.dim!r}")
     check(self.cond >= 1.0, f"quadratic: cond must be >= 1, got {self.cond!r}")
     check(self.eig_max > 0.0, f"quadratic: eig_max must be > 0, got {self.eig_max!r}")
