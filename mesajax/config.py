@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import ml_collections
 
-from mesajax.meta.estimators import ESTIMATORS
+from mesajax.registry import ESTIMATORS
 from mesajax.meta.truncation import OBJECTIVES, TRANSFORMS
 from mesajax.registry import make_optimizer
 from mesajax.splits import make_splits

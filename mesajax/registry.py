@@ -1,6 +1,6 @@
 """Registries: task families and optimizers are picked by name from the config.
 
-Adding one is a new file and a line in ``TASKS`` or ``OPTIMIZERS`` below. Modules are imported
+Adding one is a new file and a line in ``TASKS``, ``OPTIMIZERS`` or ``ESTIMATORS`` below. Modules are imported
 lazily so that, for example, the digits family's optional scikit-learn dependency is only needed
 when it is asked for.
 """
@@ -18,6 +18,13 @@ TASKS: dict[str, str] = {
     "digits": "mesajax.tasks.digits:Digits",
 }
 
+# Meta-gradient estimators (mesajax/meta/estimators.py).
+ESTIMATORS: dict[str, str] = {
+    "tbptt": "mesajax.meta.estimators:TBPTT",
+    "es": "mesajax.meta.estimators:ES",
+    "pes": "mesajax.meta.estimators:PES",
+}
+
 OPTIMIZERS: dict[str, str] = {
     "sgd": "mesajax.optimizers.baselines:SGD",
     "sgdm": "mesajax.optimizers.baselines:SGDM",
@@ -29,10 +36,34 @@ OPTIMIZERS: dict[str, str] = {
 
 
 def _load(table: Mapping[str, str], kind: str, name: str):
-  if name not in table:
-    raise ValueError(f"unknown {kind} {name!r}; known: {sorted(table)}")
-  module, cls = table[name].split(":")
-  return getattr(importlib.import_module(module), cls)
+  """The class registered as ``name``; a name of the form ``"package.module:Class"`` is imported
+  directly (a family or optimizer living in the user's own package, no registry line needed)."""
+  if name in table:
+    target = table[name]
+  elif isinstance(name, str) and ":" in name:
+    target = name
+  else:
+    raise ValueError(f"unknown {kind} {name!r}; known: {sorted(table)} (or 'package.module:Class')")
+  module, _, cls = target.partition(":")
+  try:
+    return getattr(importlib.import_module(module), cls)
+  except (ImportError, AttributeError) as e:
+    raise ValueError(f"cannot import {kind} {target!r}: {type(e).__name__}: {e}") from None
+
+
+def task_class(name: str):
+  """The task-family class registered as ``name`` (for its declarations: ``test_kwargs``, ...)."""
+  return _load(TASKS, "task family", name)
+
+
+def optimizer_class(name: str):
+  """The optimizer class registered as ``name`` (``learned``, ``tunable_lr``, ``test_kwargs``)."""
+  return _load(OPTIMIZERS, "optimizer", name)
+
+
+def estimator_class(name: str):
+  """The meta-gradient estimator class registered as ``name``."""
+  return _load(ESTIMATORS, "estimator", name)
 
 
 def _build(table, kind, name, kwargs):

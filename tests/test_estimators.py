@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 
 from helpers import DiagSGD
-from mesajax.meta.estimators import Estimator
+from mesajax.meta.estimators import make_estimator
 from mesajax.meta.truncation import Unroller
 from mesajax.registry import make_task_family
 
@@ -21,7 +21,7 @@ def _setup(kind, num_tasks, horizon, k, sigma=0.02):
   family = make_task_family("quadratic", {"dim": DIM, "cond": 10.0})
   opt = DiagSGD(dim=DIM, learning_rate=0.2)
   unroller = Unroller(opt, family, horizon, k, "mean_outer", "none")
-  est = Estimator(unroller, num_tasks, kind, sigma)
+  est = make_estimator(kind, unroller, num_tasks, sigma)
   phi = opt.init_phi(jax.random.PRNGKey(1))
   state = est.init(phi, jax.random.PRNGKey(2))
   return family, opt, unroller, est, phi, state
@@ -40,7 +40,7 @@ def test_tbptt_equals_hand_written_backprop():
   Python-loop implementation of the same inner run (independent of the scan/vmap code)."""
   family, opt, unroller, est, phi, state = _setup("tbptt", 3, 6, 6)
   state = _at_step_zero(state)
-  _, loss, grad, _ = jax.jit(est.estimate)(phi, state, jax.random.PRNGKey(3))
+  _, loss, grad = jax.jit(est.estimate)(phi, state, jax.random.PRNGKey(3))
 
   def reference(phi):
     total = 0.0
@@ -66,8 +66,8 @@ def test_es_pes_match_exact_gradient_one_truncation(kind):
   n = 2048
   _, _, unroller, est, phi, state = _setup(kind, n, 10, 10)
   state = _at_step_zero(state)
-  _, _, grad, _ = jax.jit(est.estimate)(phi, state, jax.random.PRNGKey(4))
-  ts = state.pos if kind == "pes" else state
+  _, _, grad = jax.jit(est.estimate)(phi, state, jax.random.PRNGKey(4))
+  ts = est.trajectories(state)
   keys = jax.random.split(jax.random.PRNGKey(0), n)  # the losses are deterministic (noise = 0)
   exact = jax.grad(lambda p: jnp.mean(jax.vmap(unroller.unroll, (None, 0, 0))(p, ts, keys)[1]))(phi)
   assert _cos(grad["log_lr"], exact["log_lr"]) >= 0.9
@@ -80,8 +80,8 @@ def test_pes_unbiased_across_truncations_tbptt_not():
   n, k = 4096, 8
   _, _, unroller, pes, phi, pes_state = _setup("pes", n, 2 * k, k, sigma=0.02)
   pes_state = _at_step_zero(pes_state)
-  tb = Estimator(unroller, n, "tbptt")
-  ts0 = pes_state.pos
+  tb = make_estimator("tbptt", unroller, n)
+  ts0 = pes.trajectories(pes_state)
   keys = jax.random.split(jax.random.PRNGKey(0), n)
 
   def second_truncation_loss(p):
@@ -90,10 +90,10 @@ def test_pes_unbiased_across_truncations_tbptt_not():
 
   exact = jax.grad(second_truncation_loss)(phi)["log_lr"]
   step_pes = jax.jit(pes.estimate)
-  s, _, _, _ = step_pes(phi, pes_state, jax.random.PRNGKey(5))
-  _, _, g_pes, _ = step_pes(phi, s, jax.random.PRNGKey(6))
+  s, _, _ = step_pes(phi, pes_state, jax.random.PRNGKey(5))
+  _, _, g_pes = step_pes(phi, s, jax.random.PRNGKey(6))
   ts1, _ = jax.vmap(unroller.unroll, (None, 0, 0))(phi, ts0, keys)
-  _, _, g_tb, _ = jax.jit(tb.estimate)(phi, ts1, jax.random.PRNGKey(7))
+  _, _, g_tb = jax.jit(tb.estimate)(phi, ts1, jax.random.PRNGKey(7))
   rel = lambda g: float(np.linalg.norm(g - exact) / np.linalg.norm(exact))
   assert _cos(g_pes["log_lr"], exact) >= 0.9
   assert rel(g_pes["log_lr"]) < 0.4

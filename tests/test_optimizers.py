@@ -3,6 +3,8 @@ references, gradients through unrolls, as_optax in plain optax loops, no recompi
 validation."""
 from __future__ import annotations
 
+import dataclasses
+
 import chex
 import jax
 import jax.numpy as jnp
@@ -16,7 +18,7 @@ from mesajax.optimizers.baselines import SGD, SGDM, Adam, RMSProp
 from mesajax.optimizers.features import TIME_SCALES
 from mesajax.optimizers.mlp_lopt import DECAYS, MLPLOpt
 from mesajax.optimizers.rnn_lopt import RNNLOpt
-from mesajax.registry import OPTIMIZERS, make_optimizer
+from mesajax.registry import OPTIMIZERS, make_optimizer, optimizer_class
 
 
 def _params(key):
@@ -41,8 +43,11 @@ def _quad_loss(params):
 
 
 SMALL = {"w": jnp.linspace(-1.0, 1.0, 6).reshape(2, 3), "b": jnp.array([0.5, -0.25, 1.0, 2.0])}
-ALL = [SGD(), SGDM(), Adam(), RMSProp(), MLPLOpt(), RNNLOpt(), RNNLOpt(cell="gru")]
-LEARNED = [MLPLOpt(), RNNLOpt(), RNNLOpt(cell="gru")]
+# Every registered optimizer at its declared test options (``test_kwargs``), plus variants: a new
+# optimizer registered in ``mesajax.registry.OPTIMIZERS`` is picked up without editing this file.
+ALL = [make_optimizer(n, optimizer_class(n).test_kwargs) for n in sorted(OPTIMIZERS)] + [
+    RNNLOpt(cell="gru")]
+LEARNED = [o for o in ALL if o.learned]
 
 
 # --- baselines against optax -----------------------------------------------------------------
@@ -359,9 +364,36 @@ def test_mlp_lopt_loss_feature():
 # --- registry and validation -----------------------------------------------------------------
 
 def test_registry_builds_every_optimizer():
-  for name in ["sgd", "sgdm", "adam", "rmsprop", "mlp_lopt", "rnn_lopt"]:
-    assert name in OPTIMIZERS
+  assert {"sgd", "sgdm", "adam", "rmsprop", "mlp_lopt", "rnn_lopt"} <= set(OPTIMIZERS)
+  for name in OPTIMIZERS:
     assert make_optimizer(name).name == name
+
+
+@pytest.mark.parametrize("opt", ALL, ids=lambda o: f"{o.name}-{getattr(o, 'cell', '')}")
+def test_learning_rate_contract(opt):
+  """Tunable optimizers set their rate through ``with_learning_rate`` (the first update of every
+  tunable rule here is linear in the rate); the others refuse it."""
+  phi = opt.init_phi(jax.random.PRNGKey(0))
+  if not opt.tunable_lr:
+    with pytest.raises(ValueError, match="no tunable learning rate"):
+      opt.with_learning_rate(phi, 0.1)
+    return
+  g = jax.tree.map(jnp.ones_like, SMALL)
+  u = lambda lr: ravel_pytree(opt.update(opt.with_learning_rate(phi, lr), opt.init(phi, SMALL), g,
+                                         SMALL, make_context(0, 10))[0])[0]
+  np.testing.assert_allclose(u(0.2), 2.0 * u(0.1), rtol=1e-5)
+  lrs = jnp.asarray([0.1, 0.2, 0.4])
+  assert jax.vmap(lambda lr: opt.with_learning_rate(phi, lr))(lrs) is not None  # vmappable
+
+
+@pytest.mark.parametrize("name", sorted(OPTIMIZERS))
+def test_non_finite_options_are_refused(name):
+  opt = make_optimizer(name, optimizer_class(name).test_kwargs)
+  floats = [f.name for f in dataclasses.fields(opt) if isinstance(getattr(opt, f.name), float)]
+  for field in floats:
+    for bad in (float("nan"), float("inf")):
+      with pytest.raises(ValueError, match="finite"):
+        make_optimizer(name, {**optimizer_class(name).test_kwargs, field: bad})
 
 
 @pytest.mark.parametrize("name,kwargs", [

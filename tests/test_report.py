@@ -1,7 +1,6 @@
 """Report and figures generated from rows (mesajax/report/report.py, figures.py)."""
 import json
 import os
-import sys
 import types
 
 import numpy as np
@@ -9,6 +8,9 @@ import pytest
 
 from mesajax.report import figures, report
 from mesajax.report.rows import append_rows, make_row
+
+
+ROLE = {"quickstart": "learned", "sgd": "baseline", "sgdm": "baseline", "adam": "baseline"}
 
 
 def synthetic_rows(learned_final=0.012345, adam_final=0.045678, learned_diverged=0.0):
@@ -21,11 +23,16 @@ def synthetic_rows(learned_final=0.012345, adam_final=0.045678, learned_diverged
       for metric, v in (("final_outer_loss", fin * scale), ("mean_outer_loss", mean * scale),
                         ("diverged_frac", div)):
         rows.append(make_row("eval", split, opt, metric, v, 0.9 * v, 1.1 * v + 1e-3, n=64,
-                             horizon=horizon))
+                             horizon=horizon, role=ROLE[opt]))
       for step in range(0, horizon + 1, horizon // 10):
         v = fin * scale + np.exp(-step / horizon * 3)
         rows.append(make_row("eval_curve", split, opt, "outer_loss", v, 0.9 * v, 1.1 * v, n=64,
-                             step=step))
+                             step=step, role=ROLE[opt]))
+    rows.append(make_row("eval", split, "oracle", "final_outer_loss", 0.00321 * scale,
+                         0.003 * scale, 0.0034 * scale, n=64, horizon=horizon, role="oracle"))
+    gap = learned_final * scale - 0.00321 * scale
+    rows.append(make_row("eval_paired", split, "quickstart", "gap_to_oracle", gap, 0.9 * gap,
+                         1.1 * gap, n=64, baseline="oracle"))
     for b, lr in (("sgd", 0.31), ("sgdm", 0.031), ("adam", 0.0571)):
       rows.append(make_row("tuning", split, b, "best_lr", lr, n=32, lr_grid_min=1e-4, lr_grid_max=3.0,
                            lr_grid_size=15))
@@ -52,26 +59,30 @@ def write_run(tmp_path, rows, with_config=True):
            "optimizer": {"name": "mlp_lopt", "kwargs": {}}, "meta": {"estimator": "tbptt"}}
     with open(os.path.join(d, "config.json"), "w") as f:
       json.dump(cfg, f)
-    with open(os.path.join(d, "meta.json"), "w") as f:
-      json.dump({"versions": {"jax": "0.10.2", "mesajax": "0.1.0"}, "git_commit": "abc123"}, f)
+    with open(os.path.join(d, "meta.json"), "w") as f:  # the layout rundir.versions() writes
+      json.dump({"jax": "0.10.2", "mesajax": "0.1.0", "git_commit": "abc123"}, f)
   return d
 
 
 @pytest.fixture
-def no_analysis(monkeypatch):
-  """Hide any real mesajax.analysis.report so the test sees only what it sets up."""
-  import importlib
-  real = importlib.import_module
-  def fake(name, *a, **k):
-    if name == "mesajax.analysis.report":
-      err = ModuleNotFoundError(f"No module named {name!r}")
-      err.name = name
-      raise err
-    return real(name, *a, **k)
-  monkeypatch.setattr(report.importlib, "import_module", fake)
+def stub_analysis(monkeypatch):
+  """Replace the analysis report section by a stub that records what it is given."""
+  seen = {}
+
+  def make_figures(rows, outdir):
+    seen["n_rows"] = len(rows)
+    os.makedirs(outdir, exist_ok=True)
+    p = os.path.join(outdir, "nci.png")
+    open(p, "wb").write(b"png")
+    return [p]
+
+  stub = types.SimpleNamespace(make_figures=make_figures,
+                               report_section=lambda rows: "NCI of the learned optimizer: 0.123.")
+  monkeypatch.setattr(report, "analysis_report", stub)
+  return seen
 
 
-def test_report_contains_row_numbers(tmp_path, no_analysis):
+def test_report_contains_row_numbers(tmp_path, stub_analysis):
   rows = synthetic_rows()
   d = write_run(tmp_path, rows)
   path = report.write_report(d)
@@ -101,18 +112,21 @@ def test_report_contains_row_numbers(tmp_path, no_analysis):
               "figures/eval_curves_horizon_x10.png"):
     assert f"]({rel})" in text
     assert os.path.getsize(os.path.join(d, rel)) > 1000
-  assert "not available" in text  # no analysis module
+  # Roles come from the rows: the oracle row and the learned optimizer's gap to it are shown.
+  assert "| `oracle` (oracle) | 0.00321 [0.003, 0.0034]" in text
+  assert "| `quickstart` (learned) |" in text and "| `adam` (tuned lr) |" in text
+  assert "Gap of `quickstart` to the oracle" in text
 
 
-def test_report_when_learned_loses_and_diverges(tmp_path, no_analysis):
+def test_report_when_learned_loses_and_diverges(tmp_path, stub_analysis):
   rows = synthetic_rows(learned_final=0.5, adam_final=0.01, learned_diverged=3 / 64)
   text = open(report.write_report(write_run(tmp_path, rows, with_config=False))).read()
   assert "`quickstart` does not beat lr-tuned `adam`" in text
   assert "3 of 64 held-out tasks diverge" in text
-  assert "# mesajax report: quickstart" in text  # name falls back to the learned rows' name
+  assert f"# mesajax report: {os.path.basename(str(tmp_path))}" in text  # no config: the dir name
 
 
-def test_report_inf_and_duplicates(tmp_path, no_analysis):
+def test_report_inf_and_duplicates(tmp_path, stub_analysis):
   rows = synthetic_rows()
   rows.append(make_row("eval", "heldout", "sgd", "final_outer_loss", float("inf"), 0.5,
                        float("inf"), n=64, horizon=200))  # re-run appended later: last one wins
@@ -121,30 +135,17 @@ def test_report_inf_and_duplicates(tmp_path, no_analysis):
   assert "| `sgd` (tuned lr) | 0.1111" not in text
 
 
-def test_report_calls_analysis_module(tmp_path, monkeypatch):
-  mod = types.ModuleType("mesajax.analysis.report")
-  seen = {}
-
-  def make_figures(rows, outdir):
-    seen["n_rows"] = len(rows)
-    os.makedirs(outdir, exist_ok=True)
-    p = os.path.join(outdir, "nci.png")
-    open(p, "wb").write(b"png")
-    return [p]
-
-  mod.make_figures = make_figures
-  mod.report_section = lambda rows: "NCI of the learned optimizer: 0.123 (from rows)."
-  monkeypatch.setitem(sys.modules, "mesajax.analysis.report", mod)
+def test_report_calls_analysis_section(tmp_path, stub_analysis):
   rows = synthetic_rows()
   text = open(report.write_report(write_run(tmp_path, rows))).read()
-  assert "NCI of the learned optimizer: 0.123" in text
+  assert "NCI of the learned optimizer: 0.123." in text
   assert "](figures/nci.png)" in text
-  assert seen["n_rows"] == len(rows)
+  assert stub_analysis["n_rows"] == len(rows)
 
 
 def test_figure_readable(tmp_path):
   rows = synthetic_rows()
-  p = figures.eval_curves(rows, "heldout", str(tmp_path / "c.png"), ["quickstart", "sgd", "sgdm", "adam"])
+  p = figures.eval_curves(rows, "heldout", str(tmp_path / "c.png"))
   import matplotlib.image
   img = matplotlib.image.imread(p)
   assert img.shape[0] > 300 and img.shape[1] > 500
@@ -152,15 +153,15 @@ def test_figure_readable(tmp_path):
   assert figures.meta_training_curve([], str(tmp_path / "m.png")) is None
 
 
-def test_end_to_end_from_evaluate_rows(tmp_path, no_analysis, monkeypatch):
+def test_end_to_end_from_evaluate_rows(tmp_path, stub_analysis, monkeypatch):
   """Rows from the real evaluation code feed the report unchanged."""
   import dataclasses
-  import math
   import jax
   import jax.numpy as jnp
   import ml_collections
   from mesajax.eval import evaluate as ev
   from mesajax.optimizers.base import Optimizer
+  from mesajax.optimizers.common import LogLearningRate
   from mesajax.splits import Split
   from mesajax.tasks.base import TaskFamily
 
@@ -178,20 +179,22 @@ def test_end_to_end_from_evaluate_rows(tmp_path, no_analysis, monkeypatch):
       return self.train_loss_full(p, t)
 
   @dataclasses.dataclass(frozen=True)
-  class GD(Optimizer):
-    lr: float = 0.1
-    def init_phi(self, key=None):
-      return {"log_lr": jnp.asarray(math.log(self.lr))}
+  class GD(LogLearningRate, Optimizer):
+    learning_rate: float = 0.1
     def init(self, phi, params):
       return ()
     def update(self, phi, state, g, p, ctx):
       return -jnp.exp(phi["log_lr"]) * g, state
 
+  @dataclasses.dataclass(frozen=True)
+  class LearnedGD(GD):
+    learned = True
+
   cfg = ml_collections.ConfigDict(dict(num_tasks=8, num_tuning_tasks=4, baselines=("adam",),
                                        lr_grid_min=1e-2, lr_grid_max=1.0, lr_grid_size=5,
                                        curve_every=5, n_boot=50))
   monkeypatch.setattr(ev, "make_optimizer", lambda name, kw=None: GD())
-  rows = ev.evaluate_all(GD(0.05), GD(0.05).init_phi(), "learned",
+  rows = ev.evaluate_all(LearnedGD(0.05), LearnedGD(0.05).init_phi(), "learned",
                          {"heldout": Split("heldout", Quad(), 20)}, cfg, 0)
   d = write_run(tmp_path, rows)
   text = open(report.write_report(d)).read()
@@ -199,3 +202,4 @@ def test_end_to_end_from_evaluate_rows(tmp_path, no_analysis, monkeypatch):
          and r["optimizer"] == "learned"][0]
   assert f"{fin['value']:.4g} [{fin['ci_low']:.4g}, {fin['ci_high']:.4g}]" in text
   assert "`learned` does not beat lr-tuned `adam`" in text  # the tuned rate (1.0) solves it in 1 step
+  assert {r["role"] for r in rows if r["analysis"] == "eval"} == {"learned", "baseline"}

@@ -14,7 +14,8 @@ Per task m the metrics are
 
   final_outer_loss_m = L_out(theta_T),
   mean_outer_loss_m  = mean over the recorded points t = 0, e, ..., T of L_out(theta_t),
-  diverged_m         = [L_out(theta_T) > L_out(theta_0)  or  L_out(theta_T) non-finite],
+  diverged_m         = [L_out(theta_T) non-finite  or  L_out(theta_T) > 100 · L_out(theta_0)],
+  overfit_m          = [not diverged  and  L_out(theta_T) > L_out(theta_0)],
 
 and each is reported as its mean over tasks with a 95% percentile bootstrap CI over tasks
 (``stats.bootstrap_ci``: non-finite losses count as +inf). Curve rows (analysis ``eval_curve``,
@@ -26,12 +27,17 @@ separate tuning tasks (``mesajax.eval.tuning``), and paired comparisons of the l
 against each baseline on the same tasks (analysis ``eval_paired``, extra key ``baseline``):
 ``final_outer_loss_diff`` = mean_m (L_learned,m - L_baseline,m) with its bootstrap CI, and
 ``win_frac`` = the fraction of tasks on which the learned optimizer ends strictly lower.
+
+Every row carries ``role``: ``learned`` or ``baseline`` (from the optimizer class's ``learned``
+attribute) or ``oracle``. Where the task family has an oracle (``TaskFamily.oracle``), its outer
+loss on the same held-out tasks is a reference row (optimizer ``oracle``) and the learned
+optimizer's paired gap to it an ``eval_paired`` row (``gap_to_oracle``): every table shows the gap
+to the best achievable loss.
 """
 from __future__ import annotations
 
 import functools
 import logging
-import math
 from typing import Any, Iterable, Mapping
 
 import jax
@@ -46,7 +52,15 @@ from mesajax.report.rows import make_row
 from mesajax.rollout import run_curve
 
 PyTree = Any
-EVAL_METRICS = ("final_outer_loss", "mean_outer_loss", "diverged_frac")
+EVAL_METRICS = ("final_outer_loss", "mean_outer_loss", "diverged_frac", "overfit_frac")
+
+
+def role(opt) -> str:
+  """The default row label of an optimizer, from its class (the one place that knows):
+  ``learned`` or ``baseline``. ``evaluate_all`` labels the meta-trained optimizer of a run
+  ``learned`` whatever its class (a meta-trained learning rate is learned too), its tuned
+  baselines ``baseline``, and oracle rows ``oracle``."""
+  return "learned" if getattr(opt, "learned", False) else "baseline"
 
 
 @functools.partial(jax.jit, static_argnames=("opts", "family", "horizon", "every"))
@@ -104,12 +118,13 @@ def validate_eval_config(cfg_eval, splits: Iterable | None = None, learned_name:
          f"curve_every={cfg_eval.curve_every} must divide split {split.name!r}'s horizon {split.horizon}")
 
 
-def _metric_rows(per_task: Mapping[str, np.ndarray], opt_name, split, cfg_eval, seed, analysis="eval"):
+def _metric_rows(per_task: Mapping[str, np.ndarray], opt_name, split, cfg_eval, seed, kind,
+                 analysis="eval"):
   rows = []
   for metric, values in per_task.items():
     v, lo, hi = stats.bootstrap_ci(values, n_boot=int(cfg_eval.n_boot), seed=seed)
     rows.append(make_row(analysis, split.name, opt_name, metric, v, lo, hi, n=len(values),
-                         horizon=split.horizon))
+                         horizon=split.horizon, role=kind))
   return rows
 
 
@@ -125,20 +140,22 @@ def evaluate(opt, phi: PyTree, opt_name: str, split, cfg_eval, seed: int, tasks=
 
 
 def evaluate_many(entries, split, cfg_eval, seed: int, tasks=None) -> list[tuple[list, dict]]:
-  """``evaluate`` for several ``(opt, phi, opt_name)`` on the same held-out tasks, compiled together."""
+  """``evaluate`` for several ``(opt, phi, opt_name[, role])`` on the same held-out tasks, compiled
+  together (the role defaults to ``role(opt)``)."""
+  entries = [tuple(e) if len(e) == 4 else (*e, role(e[0])) for e in entries]
   validate_eval_config(cfg_eval, [split])
   every, horizon = int(cfg_eval.curve_every), int(split.horizon)
   if tasks is None:
     tasks = heldout_tasks(split.family, int(cfg_eval.num_tasks), seed, split.name)
   tasks, keys = tasks
-  opts, phis, names = zip(*entries)
+  opts, phis, names, kinds = zip(*entries)
   outs = _run_tasks(tuple(opts), tuple(phis), PresetInit(split.family), tasks, keys,
                     horizon, every)
-  return [_summarise(np.asarray(o, np.float64), name, split, cfg_eval, seed)
-          for o, name in zip(outs, names)]
+  return [_summarise(np.asarray(o, np.float64), name, split, cfg_eval, seed, kind)
+          for o, name, kind in zip(outs, names, kinds)]
 
 
-def _summarise(outer_MxP: np.ndarray, opt_name: str, split, cfg_eval, seed: int):
+def _summarise(outer_MxP: np.ndarray, opt_name: str, split, cfg_eval, seed: int, kind: str):
   """Rows and per-task arrays from one optimizer's held-out curves ``[M, P]``."""
   every = int(cfg_eval.curve_every)
   final_M = outer_MxP[:, -1]
@@ -146,13 +163,14 @@ def _summarise(outer_MxP: np.ndarray, opt_name: str, split, cfg_eval, seed: int)
     mean_M = outer_MxP.mean(axis=1)
   diverged_M = stats.diverged(outer_MxP[:, 0], final_M)
   per_task = {"final_outer_loss": final_M, "mean_outer_loss": mean_M,
-              "diverged_frac": diverged_M.astype(np.float64)}
-  rows = _metric_rows(per_task, opt_name, split, cfg_eval, seed)
+              "diverged_frac": diverged_M.astype(np.float64),
+              "overfit_frac": stats.overfit(outer_MxP[:, 0], final_M).astype(np.float64)}
+  rows = _metric_rows(per_task, opt_name, split, cfg_eval, seed, kind)
 
   step_P = np.arange(outer_MxP.shape[1]) * every
   mean_P, lo_P, hi_P = stats.bootstrap_mean_curve(outer_MxP, n_boot=int(cfg_eval.n_boot), seed=seed)
   rows += [make_row("eval_curve", split.name, opt_name, "outer_loss", m, lo, hi, n=len(final_M),
-                    step=int(s)) for s, m, lo, hi in zip(step_P, mean_P, lo_P, hi_P)]
+                    step=int(s), role=kind) for s, m, lo, hi in zip(step_P, mean_P, lo_P, hi_P)]
   curves = {"step": step_P, "outer_loss": outer_MxP, "final_outer_loss": final_M,
             "mean_outer_loss": mean_M, "diverged": diverged_M}
   return rows, curves
@@ -162,8 +180,9 @@ def paired_rows(learned_name: str, learned: Mapping, baseline_name: str, baselin
                 split, cfg_eval, seed: int) -> list[dict]:
   """Paired comparison on the same held-out tasks (module docstring).
 
-  ``final_outer_loss_diff`` is left ``None`` when some task is non-finite for either optimizer
-  (the difference of two failures is undefined); ``win_frac`` treats a non-finite loss as +inf.
+  ``final_outer_loss_diff`` is ``None`` with an ``undefined`` reason when some task is non-finite
+  for either optimizer (the difference of two failures is undefined); ``win_frac`` treats a
+  non-finite loss as +inf.
   """
   a = stats.as_loss_array(learned["final_outer_loss"])
   b = stats.as_loss_array(baseline["final_outer_loss"])
@@ -173,6 +192,8 @@ def paired_rows(learned_name: str, learned: Mapping, baseline_name: str, baselin
     v, lo, hi = stats.bootstrap_ci(a - b, n_boot=int(cfg_eval.n_boot), seed=seed)
   else:
     v = lo = hi = None
+    extra["undefined"] = (f"non-finite final loss on {int(np.sum(~np.isfinite(a)))} task(s) for "
+                          f"{learned_name} and {int(np.sum(~np.isfinite(b)))} for {baseline_name}")
   w, wlo, whi = stats.bootstrap_ci((a < b).astype(np.float64), n_boot=int(cfg_eval.n_boot), seed=seed)
   return [make_row("eval_paired", split.name, learned_name, "final_outer_loss_diff", v, lo, hi, n=n,
                    **extra),
@@ -227,7 +248,7 @@ def evaluate_all(opt, phi: PyTree, learned_name: str, splits, cfg_eval, seed: in
   for name in cfg_eval.baselines:  # build (and validate) every baseline before compiling anything
     b = make_optimizer(name, baseline_kwargs.get(name))
     baselines[name] = (b, b.init_phi(jax.random.PRNGKey(0)))
-    tuning.grid_phi(baselines[name][1], [1.0])  # phi must hold log_lr
+    tuning.grid_phi(b, baselines[name][1], [1.0])  # a baseline must have a tunable learning rate
 
   rows, all_curves = [], {}
   for split in split_list:
@@ -235,20 +256,52 @@ def evaluate_all(opt, phi: PyTree, learned_name: str, splits, cfg_eval, seed: in
     results = tuning.tune_many(
         [b for b, _ in baselines.values()], [p for _, p in baselines.values()], split.family,
         split.horizon, cfg_eval, seed, split.name, tasks["tune"]) if baselines else []
-    entries = [(opt, phi, learned_name)]
+    entries = [(opt, phi, learned_name, "learned")]
     for (name, (b, base_phi)), result in zip(baselines.items(), results):
       if result.at_grid_edge or result.all_failed:
         logging.warning("baseline %s on split %s: best lr %.3g is at the edge of the grid [%.3g, %.3g]%s",
                         name, split.name, result.best_lr, result.lrs[0], result.lrs[-1],
                         " and every rate failed on some tuning task" if result.all_failed else "")
       rows += tuning_rows(name, result, split)
-      log_lr = np.asarray(math.log(result.best_lr), np.float32).reshape(np.shape(base_phi["log_lr"]))
-      entries.append((b, dict(base_phi, log_lr=log_lr), name))
+      entries.append((b, b.with_learning_rate(base_phi, result.best_lr), name, "baseline"))
     evaluated = evaluate_many(entries, split, cfg_eval, seed, tasks["heldout"])
     learned_curves = evaluated[0][1]
-    for (_, _, name), (r, curves) in zip(entries, evaluated):
+    for (_, _, name, _), (r, curves) in zip(entries, evaluated):
       rows += r
       all_curves[(split.name, name)] = curves
       if name != learned_name:
         rows += paired_rows(learned_name, learned_curves, name, curves, split, cfg_eval, seed)
+    rows += oracle_rows(split, tasks["heldout"][0], learned_name, learned_curves, cfg_eval, seed)
   return (rows, all_curves) if return_curves else rows
+
+
+@functools.partial(jax.jit, static_argnames=("family",))
+def _oracle_losses(family, tasks):
+  """Outer loss of the family's oracle parameters on each task, or None without an oracle."""
+  return jax.vmap(lambda t: family.outer_loss_full(family.oracle(t), t))(tasks)
+
+
+def oracle_rows(split, prepared, learned_name: str, learned: Mapping, cfg_eval, seed: int):
+  """The best achievable reference on the held-out tasks, when the family has one
+  (``TaskFamily.oracle``: e.g. the Bayes posterior mean of a linear regression, the minimiser of a
+  quadratic): its final outer loss (optimizer ``oracle``, role ``oracle``) and the learned
+  optimizer's paired gap to it, mean_m (L_learned,m − L_oracle,m) (``eval_paired`` row
+  ``gap_to_oracle``)."""
+  family, tasks = split.family, prepared["task"]
+  one = jax.tree.map(lambda x: x[0], tasks)
+  if jax.eval_shape(family.oracle, one) is None:
+    return []
+  loss_M = np.asarray(_oracle_losses(family, tasks), np.float64)
+  v, lo, hi = stats.bootstrap_ci(loss_M, n_boot=int(cfg_eval.n_boot), seed=seed)
+  rows = [make_row("eval", split.name, "oracle", "final_outer_loss", v, lo, hi, n=len(loss_M),
+                   horizon=split.horizon, role="oracle")]
+  a = stats.as_loss_array(learned["final_outer_loss"])
+  if np.all(np.isfinite(a)):
+    v, lo, hi = stats.bootstrap_ci(a - loss_M, n_boot=int(cfg_eval.n_boot), seed=seed)
+    rows.append(make_row("eval_paired", split.name, learned_name, "gap_to_oracle", v, lo, hi,
+                         n=len(a), baseline="oracle", horizon=split.horizon))
+  else:
+    rows.append(make_row("eval_paired", split.name, learned_name, "gap_to_oracle", None, n=len(a),
+                         baseline="oracle", horizon=split.horizon,
+                         undefined=f"non-finite final loss on {int(np.sum(~np.isfinite(a)))} task(s)"))
+  return rows

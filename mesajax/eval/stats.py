@@ -1,4 +1,5 @@
-"""Statistics over tasks: percentile bootstrap confidence intervals and the divergence criterion.
+"""Statistics over tasks: percentile bootstrap confidence intervals and the divergence and
+overfitting criteria.
 
 Percentile bootstrap (Efron & Tibshirani 1993, ch. 13): resample the n per-task values with
 replacement B times, compute the statistic on each resample, and report the alpha/2 and 1 - alpha/2
@@ -103,9 +104,24 @@ def bootstrap_mean_curve(curves_NxP, n_boot: int = 1000, seed: int = 0, alpha: f
   return mean_P, lo_P, hi_P
 
 
-def diverged(initial, final) -> np.ndarray:
-  """Per-task divergence: the final outer loss is above the initial one, or is not finite."""
+#: A run diverged when its final outer loss is non-finite or this many times its initial one.
+EXPLODE_FACTOR = 100.0
+
+
+def diverged(initial, final, factor: float = EXPLODE_FACTOR) -> np.ndarray:
+  """Per-task divergence: the final outer loss is not finite, or exceeds ``factor`` × the initial
+  one (an exploding run). A finite run that merely ends above its start is *overfitting* (see
+  ``overfit``), not divergence."""
+  initial = np.asarray(initial, dtype=np.float64)
+  final = np.asarray(final, dtype=np.float64)
+  with np.errstate(invalid="ignore", over="ignore"):
+    return ~np.isfinite(final) | (final > factor * np.abs(initial))
+
+
+def overfit(initial, final, factor: float = EXPLODE_FACTOR) -> np.ndarray:
+  """Per-task overfitting: a run that did not diverge but ends with a final outer loss above its
+  initial one (the training loss fell while the outer loss rose past its starting value)."""
   initial = np.asarray(initial, dtype=np.float64)
   final = np.asarray(final, dtype=np.float64)
   with np.errstate(invalid="ignore"):
-    return ~np.isfinite(final) | (final > initial)
+    return ~diverged(initial, final, factor) & (final > initial)

@@ -1,19 +1,20 @@
 """Learning-rate grid search for hand-designed baselines, on tuning tasks of one split.
 
-For a baseline with meta-parameters ``phi = {"log_lr": ..., **other}`` the grid
+For a baseline (an optimizer with ``tunable_lr``; its learning rate is set through
+``opt.with_learning_rate(phi, lr)``, the optimizer interface's learning-rate contract) the grid
 
   lr_g = exp(linspace(log lr_grid_min, log lr_grid_max, lr_grid_size)),  g = 1..G,
 
-is evaluated in one compiled program (shared by all baselines of a split): ``jax.vmap`` over
-``phi["log_lr"]`` (the other keys of ``phi`` are broadcast, so e.g. Adam's betas stay at their
-configured values), ``jax.vmap`` over the tuning tasks, and ``mesajax.rollout.run_curve`` for the
-split's full horizon. The selected rate is
+is evaluated in one compiled program (shared by all baselines of a split): ``jax.vmap`` over the
+grid's ``phi`` (every other option stays at its configured value), ``jax.vmap`` over the tuning
+tasks, and ``mesajax.rollout.run_curve`` for the split's full horizon. The selected rate is
 
   lr* = argmin_g  (1/M) sum_m  L_out(theta_T^{g,m}),
 
-the mean final outer loss over the M tuning tasks, where a run whose final outer loss is non-finite
-or above its initial outer loss (``stats.diverged``) counts as +inf: a rate that blows up any tuning
-task is never selected while a stable one exists. If every rate fails somewhere, the rate with the
+the mean final outer loss over the M tuning tasks, where a run that diverges (final outer loss
+non-finite or above ``stats.EXPLODE_FACTOR`` × its initial one: ``stats.diverged``) counts as
++inf: a rate that blows up any tuning task is never selected while a stable one exists. (A rate
+that merely overfits is judged by its final loss like any other.) If every rate fails somewhere, the rate with the
 fewest failed tasks wins (ties: smaller mean final loss over its finite runs) and ``all_failed`` is
 set. ``at_grid_edge`` flags a winner at either end of the grid: the optimum may lie outside it.
 
@@ -62,35 +63,29 @@ def lr_grid(lr_min: float, lr_max: float, size: int) -> np.ndarray:
   return np.exp(np.linspace(math.log(lr_min), math.log(lr_max), int(size)))
 
 
-def grid_phi(base_phi: PyTree, lrs) -> tuple[PyTree, PyTree]:
-  """``(phi_G, in_axes)``: ``base_phi`` with ``log_lr`` replaced by the grid's log rates.
-
-  ``in_axes`` vmaps ``log_lr`` (axis 0) and broadcasts every other key (``None``).
-  """
-  if not isinstance(base_phi, dict) or "log_lr" not in base_phi:
-    raise ValueError("learning-rate tuning needs a baseline whose phi is a dict with a 'log_lr' key")
-  log_lr = jnp.log(jnp.asarray(lrs, jnp.float32))
-  phi_G = dict(base_phi, log_lr=log_lr.reshape((-1,) + jnp.shape(base_phi["log_lr"])))
-  in_axes = {k: (0 if k == "log_lr" else None) for k in base_phi}
-  return phi_G, in_axes
+def grid_phi(opt, base_phi: PyTree, lrs) -> PyTree:
+  """``base_phi`` with its learning rate set to each of ``lrs``: every leaf gets a leading grid axis
+  (through the optimizer's learning-rate contract, ``opt.with_learning_rate``)."""
+  if not getattr(opt, "tunable_lr", False):
+    raise ValueError(f"optimizer {opt.name!r} has no tunable learning rate (tunable_lr is False); "
+                     "it cannot be a tuned baseline")
+  return jax.vmap(lambda lr: opt.with_learning_rate(base_phi, lr))(jnp.asarray(lrs, jnp.float32))
 
 
-@functools.partial(jax.jit, static_argnames=("opts", "family", "horizon", "phi_keys"))
-def _grid_endpoints(opts, phis_G, family, tasks, keys, horizon, phi_keys):
+@functools.partial(jax.jit, static_argnames=("opts", "family", "horizon"))
+def _grid_endpoints(opts, phis_G, family, tasks, keys, horizon):
   """Initial and final outer loss, ``[G, M]`` each, for every (rate, tuning task) pair, for each
   optimizer of ``opts`` (one compiled program for all of them: compiling them together is cheaper
   than one by one)."""
-  def endpoints(opt, phi_G, keys_of_phi):
-    in_axes = {k: (0 if k == "log_lr" else None) for k in keys_of_phi}
-
+  def endpoints(opt, phi_G):
     def one(phi, task, key):
       out = run_curve(opt, phi, family, task, key, horizon, horizon, every=horizon)
       return out["outer_loss"][0], out["outer_loss"][-1]
 
     over_tasks = jax.vmap(one, in_axes=(None, 0, 0))
-    return jax.vmap(over_tasks, in_axes=(in_axes, None, None))(phi_G, tasks, keys)
+    return jax.vmap(over_tasks, in_axes=(0, None, None))(phi_G, tasks, keys)
 
-  return tuple(endpoints(o, p, k) for o, p, k in zip(opts, phis_G, phi_keys))
+  return tuple(endpoints(o, p) for o, p in zip(opts, phis_G))
 
 
 def tuning_tasks(family, num_tasks: int, seed: int, split_name: str):
@@ -126,9 +121,9 @@ def tune_lr(opt, base_phi: PyTree, family, horizon: int, cfg_eval, seed: int,
   """Grid-searches ``log_lr`` of ``opt`` on the tuning tasks of one split (module docstring).
 
   Args:
-    opt: a hand-designed ``Optimizer`` whose phi holds ``log_lr``.
-    base_phi: its phi at the configured hyperparameters (``opt.init_phi(key)``); keys other than
-      ``log_lr`` are kept fixed.
+    opt: a hand-designed ``Optimizer`` with ``tunable_lr``.
+    base_phi: its phi at the configured hyperparameters (``opt.init_phi(key)``); everything but
+      the learning rate is kept fixed.
     family, horizon: the split's task family and inner horizon.
     cfg_eval: ``config.eval`` (``lr_grid_min``, ``lr_grid_max``, ``lr_grid_size``,
       ``num_tuning_tasks``).
@@ -142,10 +137,9 @@ def tune_many(opts, base_phis, family, horizon: int, cfg_eval, seed: int, split_
               tasks=None) -> list[TuningResult]:
   """``tune_lr`` for several baselines on the same tuning tasks, in one compiled program."""
   lrs = lr_grid(float(cfg_eval.lr_grid_min), float(cfg_eval.lr_grid_max), int(cfg_eval.lr_grid_size))
-  phis_G = [grid_phi(p, lrs)[0] for p in base_phis]
+  phis_G = [grid_phi(o, p, lrs) for o, p in zip(opts, base_phis)]
   if tasks is None:
     tasks = tuning_tasks(family, int(cfg_eval.num_tuning_tasks), seed, split_name)
   tasks, keys = tasks
-  out = _grid_endpoints(tuple(opts), tuple(phis_G), PresetInit(family), tasks, keys, int(horizon),
-                        tuple(tuple(sorted(p)) for p in phis_G))
+  out = _grid_endpoints(tuple(opts), tuple(phis_G), PresetInit(family), tasks, keys, int(horizon))
   return [select(lrs, np.asarray(initial), np.asarray(final)) for initial, final in out]

@@ -6,9 +6,19 @@ state, the outer step, the RNG key and the count of skipped updates. ``MetaTrain
 ``jax.jit``-compiled with the state donated and the task axis sharded over the mesh:
 
   (est_state, L, ĝ) = estimator(φ, est_state, key)
-  φ ← φ + outer_update(clip(ĝ))            only if L and ĝ are finite (else counted as skipped)
+  φ' = φ + outer_update(clip(ĝ))
+  keep φ', the outer optimizer's new state and est_state only if L, ĝ, φ' and the new outer
+  state are all finite; otherwise keep the old φ and outer state and count the step as skipped
 
-The outer optimizer is optax Adam after global-norm clipping (``meta.outer_clip``; 0 turns it off).
+so a NaN or inf (from the data, the estimator or an absurd outer learning rate) never enters the
+meta-parameters, and therefore never a checkpoint. The outer optimizer is optax Adam after
+global-norm clipping (``meta.outer_clip``; 0 turns it off).
+
+Seed populations (``meta.num_seeds`` = S > 1): S independent meta-training runs as ONE compiled
+program — every leaf of the state gets a leading seed axis and the step is ``jax.vmap``-ped over
+it (a wider program: on a CPU bound by per-operation overhead, S seeds cost far less than S
+runs). Member s starts from the key stream of seed ``config.seed + s`` (its own φ₀, tasks and
+perturbations), so member s is the run a single-seed config with that seed would make.
 
 Selection (``meta.select_every`` > 0): the last outer step's φ is not necessarily the best one —
 meta-training on truncations can improve the meta-loss while a few full-horizon runs get worse
@@ -18,7 +28,9 @@ meta-training on truncations can improve the meta-loss while a few full-horizon 
   score(φ) = mean_i min(L_outer(θ_T^i) / L_outer(θ_0^i), 10)     (non-finite counts as 10)
 
 and keeps the best φ and its score in the state (``best_phi``, ``best_score``), so selection survives
-a resume. Evaluation and analyses use ``best_phi`` when selection is on.
+a resume. ``best_phi`` starts as the initial φ, which is scored at the first selection, so a φ that
+diverges (scored at the cap) never replaces a better initial one. Evaluation and analyses use
+``best_phi`` when selection is on.
 """
 from __future__ import annotations
 
@@ -30,7 +42,7 @@ import jax.numpy as jnp
 import optax
 
 from mesajax.meta import sharding as shd
-from mesajax.meta.estimators import Estimator
+from mesajax.meta.estimators import make_estimator
 from mesajax.meta.truncation import Unroller
 from mesajax.registry import make_optimizer
 from mesajax.rollout import run_curve
@@ -38,6 +50,7 @@ from mesajax.splits import purpose_key, training_family
 from mesajax.tasks.views import PresetInit, prepare_tasks
 
 PyTree = Any
+SCORE_CAP = 10.0
 
 
 class MetaState(NamedTuple):
@@ -47,12 +60,14 @@ class MetaState(NamedTuple):
   step: jax.Array         # int32 scalar: outer steps taken
   rng: jax.Array          # raw uint32 key
   num_skipped: jax.Array  # int32 scalar: non-finite updates skipped so far
-  best_phi: PyTree        # the best phi by full-horizon validation (phi itself if selection is off)
-  best_score: jax.Array   # float32 scalar: its validation score (inf before the first selection)
+  best_phi: PyTree        # the best phi by full-horizon validation (the initial phi until scored)
+  best_score: jax.Array   # float32 scalar: its validation score (inf until the first selection)
 
 
-def _all_finite(tree) -> jax.Array:
-  leaves = [jnp.all(jnp.isfinite(x)) for x in jax.tree.leaves(tree)]
+def all_finite(tree) -> jax.Array:
+  """True when every floating leaf of ``tree`` is finite (a scalar bool array)."""
+  leaves = [jnp.all(jnp.isfinite(x)) for x in jax.tree.leaves(tree)
+            if jnp.issubdtype(jnp.result_type(x), jnp.inexact)]
   return jnp.all(jnp.stack(leaves)) if leaves else jnp.array(True)
 
 
@@ -71,57 +86,72 @@ class MetaTrainer:
     c = self.config
     self.opt = make_optimizer(c.optimizer.name, c.optimizer.kwargs.to_dict())
     self.family = training_family(c)
+    self.num_seeds = int(c.meta.get("num_seeds", 1))
     self.unroller = Unroller(self.opt, self.family, int(c.meta.horizon), int(c.meta.unroll_length),
                              c.meta.outer_objective, c.meta.loss_transform)
     self.mesh = shd.make_mesh(int(c.meta.num_devices))
-    self.estimator = Estimator(self.unroller, int(c.meta.num_tasks), c.meta.estimator,
-                               float(c.meta.sigma), shd.constrain_tasks(self.mesh))
+    self.estimator = make_estimator(c.meta.estimator, self.unroller, int(c.meta.num_tasks),
+                                    float(c.meta.sigma), shd.constrain_tasks(self.mesh))
     self.outer_opt = outer_optimizer(float(c.meta.outer_lr), float(c.meta.outer_clip))
     self._shardings = None
     self._step_fn = None
+    self._select_fn = None
+
+  @property
+  def population(self) -> bool:
+    return self.num_seeds > 1
+
+  def _over_seeds(self, fn):
+    """``fn`` itself for one seed, ``jax.vmap(fn)`` over the leading seed axis for a population."""
+    return jax.vmap(fn) if self.population else fn
 
   # --- state ---------------------------------------------------------------------------------
+  def seed_keys(self) -> jax.Array:
+    """The meta-training key of each member: ``[S, 2]`` for a population, ``[2]`` for one seed."""
+    seed = int(self.config.seed)
+    if not self.population:
+      return purpose_key(seed, "meta_train", "train")
+    return jnp.stack([purpose_key(seed + s, "meta_train", "train") for s in range(self.num_seeds)])
+
+  def _init_one(self, key) -> MetaState:
+    k_phi, k_est, k_run = jax.random.split(key, 3)
+    phi = self.opt.init_phi(k_phi)
+    return MetaState(phi, self.outer_opt.init(phi), self.estimator.init(phi, k_est),
+                     jnp.zeros([], jnp.int32), k_run, jnp.zeros([], jnp.int32),
+                     jax.tree.map(jnp.copy, phi), jnp.full([], jnp.inf, jnp.float32))
+
   def init(self, key=None) -> MetaState:
     """The initial state (deterministic in ``config.seed``), placed on the mesh."""
-    if key is None:
-      key = purpose_key(int(self.config.seed), "meta_train", "train")
-    k_phi, k_est, k_run = jax.random.split(key, 3)
-
-    def make(k_phi, k_est, k_run):
-      phi = self.opt.init_phi(k_phi)
-      return MetaState(phi, self.outer_opt.init(phi), self.estimator.init(phi, k_est),
-                       jnp.zeros([], jnp.int32), k_run, jnp.zeros([], jnp.int32),
-                       jax.tree.map(jnp.copy, phi), jnp.full([], jnp.inf, jnp.float32))
-
-    return jax.jit(make, out_shardings=self.shardings())(k_phi, k_est, k_run)
+    keys = self.seed_keys() if key is None else key
+    return jax.jit(self._over_seeds(self._init_one), out_shardings=self.shardings())(keys)
 
   def abstract_state(self) -> MetaState:
     """Shapes, dtypes and shardings of the state, for restoring a checkpoint."""
-    shapes = jax.eval_shape(self.init)
+    shapes = jax.eval_shape(self._over_seeds(self._init_one), self.seed_keys())
     return jax.tree.map(lambda s, sh: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sh),
                         shapes, self.shardings())
 
   def shardings(self) -> MetaState:
+    """Replicated everywhere but the estimator state, whose task axis (axis 1 in a population,
+    axis 0 otherwise) is sharded over the mesh."""
     if self._shardings is None:
-      rep, tasks = shd.replicated(self.mesh), shd.task_sharded(self.mesh)
-      # Structure only: trace the initialiser abstractly on the host.
-      key = jax.random.PRNGKey(0)
-      phi = jax.eval_shape(self.opt.init_phi, key)
-      opt_state = jax.eval_shape(self.outer_opt.init, phi)
-      est = jax.eval_shape(self.estimator.init, phi, key)
-      self._shardings = MetaState(
-          jax.tree.map(lambda _: rep, phi), jax.tree.map(lambda _: rep, opt_state),
-          jax.tree.map(lambda _: tasks, est), rep, rep, rep, jax.tree.map(lambda _: rep, phi), rep)
+      rep = shd.replicated(self.mesh)
+      tasks = shd.task_sharded(self.mesh, task_axis=1 if self.population else 0)
+      shapes = jax.eval_shape(self._over_seeds(self._init_one), self.seed_keys())
+      self._shardings = shapes._replace(
+          **{f: jax.tree.map(lambda _: rep, getattr(shapes, f)) for f in MetaState._fields
+             if f != "est_state"},
+          est_state=jax.tree.map(lambda _: tasks, shapes.est_state))
     return self._shardings
 
   # --- the step ------------------------------------------------------------------------------
-  def _step(self, state: MetaState):
+  def _step_one(self, state: MetaState):
     rng, key = jax.random.split(state.rng)
-    est_state, loss, grad, _ = self.estimator.estimate(state.phi, state.est_state, key)
-    finite = jnp.isfinite(loss) & _all_finite(grad)
-    safe_grad = jax.tree.map(lambda g: jnp.where(finite, g, 0.0), grad)
+    est_state, loss, grad = self.estimator.estimate(state.phi, state.est_state, key)
+    safe_grad = jax.tree.map(lambda g: jnp.where(jnp.isfinite(g), g, 0.0), grad)
     updates, opt_state = self.outer_opt.update(safe_grad, state.opt_state, state.phi)
     phi = optax.apply_updates(state.phi, updates)
+    finite = jnp.isfinite(loss) & all_finite(grad) & all_finite(phi) & all_finite(opt_state)
     keep = lambda new, old: jax.tree.map(lambda a, b: jnp.where(finite, a, b), new, old)
     new_state = MetaState(keep(phi, state.phi), keep(opt_state, state.opt_state), est_state,
                           state.step + 1, rng, state.num_skipped + (~finite).astype(jnp.int32),
@@ -130,9 +160,13 @@ class MetaTrainer:
                "skipped": ~finite, "num_skipped": new_state.num_skipped}
     return new_state, metrics
 
+  def _step(self, state: MetaState):
+    return self._over_seeds(self._step_one)(state)
+
   @property
   def step(self):
-    """``step(state) -> (state, metrics)``, jitted once with the state donated."""
+    """``step(state) -> (state, metrics)``, jitted once with the state donated (metrics have a
+    leading seed axis in a population)."""
     if self._step_fn is None:
       rep = shd.replicated(self.mesh)
       self._step_fn = jax.jit(self._step, donate_argnums=0, in_shardings=(self.shardings(),),
@@ -142,7 +176,8 @@ class MetaTrainer:
   # --- selection by full-horizon validation ----------------------------------------------------
   @property
   def validation_score(self):
-    """``score(phi) -> float32``: see the module docstring. Jitted once; tasks drawn once."""
+    """``score(phi) -> float32`` for ONE member's phi: see the module docstring. Jitted once;
+    tasks drawn once."""
     if getattr(self, "_score_fn", None) is None:
       c = self.config
       n, horizon = int(c.meta.select_tasks), int(c.meta.horizon)
@@ -156,19 +191,31 @@ class MetaTrainer:
         def one(task, k):
           curve = run_curve(self.opt, phi, family, task, k, horizon, horizon, every=horizon)
           ratio = curve["outer_loss"][-1] / jnp.maximum(curve["outer_loss"][0], 1e-12)
-          return jnp.where(jnp.isfinite(ratio), jnp.minimum(ratio, 10.0), 10.0)
+          return jnp.where(jnp.isfinite(ratio), jnp.minimum(ratio, SCORE_CAP), SCORE_CAP)
         return jnp.mean(jax.vmap(one)(tasks, run_keys))
 
       self._score_fn = jax.jit(score)
     return self._score_fn
 
-  def select(self, state: MetaState) -> tuple[MetaState, float]:
-    """Scores the current phi; keeps it as ``best_phi`` when it beats ``best_score``."""
-    score = float(self.validation_score(state.phi))
-    if score < float(state.best_score):
-      state = state._replace(best_phi=jax.tree.map(jnp.copy, state.phi),
-                             best_score=jnp.asarray(score, jnp.float32))
-    return state, score
+  def _select_one(self, state: MetaState):
+    score_fn = self.validation_score
+    score = score_fn(state.phi)
+    # best_phi is the initial phi until the first selection scores it.
+    best_score = jax.lax.cond(jnp.isfinite(state.best_score), lambda: state.best_score,
+                              lambda: score_fn(state.best_phi))
+    better = score < best_score
+    best_phi = jax.tree.map(lambda a, b: jnp.where(better, a, b), state.phi, state.best_phi)
+    return state._replace(best_phi=best_phi, best_score=jnp.where(better, score, best_score)), score
+
+  def select(self, state: MetaState) -> tuple[MetaState, Any]:
+    """Scores the current phi (of every member); keeps it as ``best_phi`` where it beats
+    ``best_score``. Returns the new state and the score (a float, or a list per member)."""
+    if self._select_fn is None:
+      self._select_fn = jax.jit(self._over_seeds(self._select_one),
+                                out_shardings=(self.shardings(), shd.replicated(self.mesh)))
+    state, score = self._select_fn(state)
+    score = jax.device_get(score)
+    return state, (score.tolist() if self.population else float(score))
 
   def inner_steps_per_outer_step(self) -> int:
-    return self.estimator.inner_steps_per_estimate()
+    return self.num_seeds * self.estimator.inner_steps_per_estimate()

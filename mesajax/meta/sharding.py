@@ -24,8 +24,9 @@ def replicated(mesh) -> NamedSharding:
   return NamedSharding(mesh, P())
 
 
-def task_sharded(mesh) -> NamedSharding:
-  return NamedSharding(mesh, P(TASK_AXIS))
+def task_sharded(mesh, task_axis: int = 0) -> NamedSharding:
+  """Sharded on ``task_axis`` (1 when a leading seed axis comes first), replicated elsewhere."""
+  return NamedSharding(mesh, P(*([None] * task_axis), TASK_AXIS))
 
 
 def constrain_tasks(mesh):

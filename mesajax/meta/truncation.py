@@ -76,12 +76,11 @@ class Unroller(NamedTuple):
     # learned_optimization does); the first trajectory of each slot is therefore shorter.
     return ts._replace(inner=ts.inner._replace(step=start.astype(jnp.int32)))
 
-  def maybe_reset(self, phi, ts: TruncState) -> tuple[TruncState, jax.Array]:
+  def maybe_reset(self, phi, ts: TruncState) -> TruncState:
     """Starts a fresh task where the trajectory has reached the horizon (or went non-finite)."""
     done = ts.inner.step >= self.horizon
     new = self.fresh(phi, ts.key)
-    out = jax.tree.map(lambda a, b: jnp.where(done, a, b), new, ts)
-    return out, done
+    return jax.tree.map(lambda a, b: jnp.where(done, a, b), new, ts)
 
   # --- the objective -------------------------------------------------------------------------
   def transform(self, loss, norm):

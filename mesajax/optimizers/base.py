@@ -11,6 +11,14 @@ methods are pure functions of pytrees:
 * ``update(phi, state, grads, params, ctx) -> (updates, new_state)``: one step; ``params + updates``
   is the new point (optax's sign convention). ``ctx`` carries the per-step context explicitly.
 
+The learning-rate contract: an optimizer whose ``phi`` holds a learning rate declares
+``tunable_lr = True`` and implements ``with_learning_rate(phi, lr)`` (vmappable over ``lr``);
+evaluation tunes baselines through it and never looks inside ``phi``. ``learned = True`` marks
+optimizers whose ``phi`` is meant to be meta-trained; reports and figures take that label from
+the rows (``role``), which take it from here: the class is the one place that knows.
+Helpers for writing an optimizer (options checks, a log-learning-rate ``phi``) are in
+``mesajax.optimizers.common``.
+
 ``as_optax(phi, horizon)`` wraps any optimizer into an ``optax.GradientTransformationExtraArgs`` so a
 meta-trained optimizer drops into any Flax/optax training loop (pass ``loss=`` to ``update`` if the
 optimizer uses it). This mirrors learned_optimization's ``opt_fn(theta)`` closure (Metz et al. 2022).
@@ -18,11 +26,13 @@ optimizer uses it). This mirrors learned_optimization's ``opt_fn(theta)`` closur
 from __future__ import annotations
 
 import dataclasses
-from typing import Any, NamedTuple
+from typing import Any, ClassVar, NamedTuple
 
 import jax
 import jax.numpy as jnp
 import optax
+
+from mesajax.checks import check_finite_fields
 
 PyTree = Any
 Array = jax.Array
@@ -57,7 +67,10 @@ class Optimizer:
   """Base class; subclasses are frozen dataclasses whose fields are static options."""
 
   name = "base"
-  learned = False  # True when phi is meant to be meta-trained (neural optimizers)
+  learned: ClassVar[bool] = False  # True when phi is meant to be meta-trained (neural optimizers)
+  tunable_lr: ClassVar[bool] = False  # True when ``with_learning_rate`` is implemented
+  #: Options for the registry-wide shared tests (small and quick).
+  test_kwargs: ClassVar[dict] = {}
 
   def init_phi(self, key: Array) -> PyTree:
     raise NotImplementedError
@@ -75,7 +88,17 @@ class Optimizer:
     return None
 
   def validate(self) -> None:
-    """Raises ``ValueError`` with a one-line message when an option is out of range."""
+    """Raises ``ValueError`` with a one-line message when an option is out of range (non-finite
+    float options are rejected before this is called, by ``check_finite``)."""
+
+  def check_finite(self) -> None:
+    check_finite_fields(self, self.name)
+
+  def with_learning_rate(self, phi: PyTree, learning_rate: Array) -> PyTree:
+    """``phi`` with its learning rate set to ``learning_rate`` (a scalar; vmappable over it).
+
+    Only for ``tunable_lr`` optimizers; learning-rate tuning of baselines goes through this."""
+    raise ValueError(f"optimizer {self.name!r} has no tunable learning rate")
 
   def as_optax(self, phi: PyTree, horizon: int = 1000) -> optax.GradientTransformationExtraArgs:
     """This optimizer, with meta-parameters ``phi``, as an optax gradient transformation."""

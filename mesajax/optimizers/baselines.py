@@ -18,7 +18,6 @@ State layouts (NamedTuples; the analyses read these fields):
 from __future__ import annotations
 
 import dataclasses
-import math
 from typing import NamedTuple
 
 import jax
@@ -26,23 +25,7 @@ import jax.numpy as jnp
 import optax
 
 from mesajax.optimizers.base import Optimizer, PyTree, StepContext
-
-
-def _lr(phi) -> jax.Array:
-  return jnp.exp(jnp.asarray(phi["log_lr"], jnp.float32))
-
-
-def _log_lr_phi(learning_rate: float) -> dict:
-  return {"log_lr": jnp.asarray(math.log(learning_rate), jnp.float32)}
-
-
-def _zeros(params):
-  return jax.tree.map(jnp.zeros_like, params)
-
-
-def _check(cond: bool, msg: str) -> None:
-  if not cond:
-    raise ValueError(msg)
+from mesajax.optimizers.common import LogLearningRate, check, zeros_like_tree
 
 
 def clip_by_global_norm(grads: PyTree, max_norm: float) -> PyTree:
@@ -57,7 +40,7 @@ class SGDState(NamedTuple):
 
 
 @dataclasses.dataclass(frozen=True)
-class SGD(Optimizer):
+class SGD(LogLearningRate, Optimizer):
   """Gradient descent with optional global-norm clipping and weight decay.
 
   u = −η · (clip_c(g) + λ θ), with clip_c(g) = g · min(1, c/‖g‖) applied to the gradient before the
@@ -72,12 +55,9 @@ class SGD(Optimizer):
   name = "sgd"
 
   def validate(self) -> None:
-    _check(self.learning_rate > 0, f"sgd: learning_rate must be > 0, got {self.learning_rate}")
-    _check(self.weight_decay >= 0, f"sgd: weight_decay must be >= 0, got {self.weight_decay}")
-    _check(self.clip_norm >= 0, f"sgd: clip_norm must be >= 0 (0 = off), got {self.clip_norm}")
-
-  def init_phi(self, key=None):
-    return _log_lr_phi(self.learning_rate)
+    check(self.learning_rate > 0, f"sgd: learning_rate must be > 0, got {self.learning_rate}")
+    check(self.weight_decay >= 0, f"sgd: weight_decay must be >= 0, got {self.weight_decay}")
+    check(self.clip_norm >= 0, f"sgd: clip_norm must be >= 0 (0 = off), got {self.clip_norm}")
 
   def init(self, phi, params):
     return SGDState()
@@ -87,7 +67,7 @@ class SGD(Optimizer):
       grads = clip_by_global_norm(grads, self.clip_norm)
     if self.weight_decay > 0:
       grads = jax.tree.map(lambda g, p: g + self.weight_decay * p, grads, params)
-    lr = _lr(phi)
+    lr = self.learning_rate_of(phi)
     return jax.tree.map(lambda g: -lr.astype(g.dtype) * g, grads), state
 
 
@@ -96,7 +76,7 @@ class SGDMState(NamedTuple):
 
 
 @dataclasses.dataclass(frozen=True)
-class SGDM(Optimizer):
+class SGDM(LogLearningRate, Optimizer):
   """Heavy-ball momentum (Polyak 1964) in optax's trace form.
 
   m_t = g_t + β m_{t−1};  u = −η m_t, or u = −η (g_t + β m_t) with ``nesterov`` (Sutskever et al.
@@ -110,20 +90,17 @@ class SGDM(Optimizer):
   name = "sgdm"
 
   def validate(self) -> None:
-    _check(self.learning_rate > 0, f"sgdm: learning_rate must be > 0, got {self.learning_rate}")
-    _check(0 <= self.momentum < 1, f"sgdm: momentum must be in [0, 1), got {self.momentum}")
-
-  def init_phi(self, key=None):
-    return _log_lr_phi(self.learning_rate)
+    check(self.learning_rate > 0, f"sgdm: learning_rate must be > 0, got {self.learning_rate}")
+    check(0 <= self.momentum < 1, f"sgdm: momentum must be in [0, 1), got {self.momentum}")
 
   def init(self, phi, params):
-    return SGDMState(_zeros(params))
+    return SGDMState(zeros_like_tree(params))
 
   def update(self, phi, state, grads, params, ctx: StepContext):
     beta = self.momentum
     m = jax.tree.map(lambda g, t: g + beta * t, grads, state.m)
     direction = jax.tree.map(lambda g, t: g + beta * t, grads, m) if self.nesterov else m
-    lr = _lr(phi)
+    lr = self.learning_rate_of(phi)
     return jax.tree.map(lambda d: -lr.astype(d.dtype) * d, direction), SGDMState(m)
 
 
@@ -134,7 +111,7 @@ class AdamState(NamedTuple):
 
 
 @dataclasses.dataclass(frozen=True)
-class Adam(Optimizer):
+class Adam(LogLearningRate, Optimizer):
   """Adam (Kingma & Ba 2015) with bias correction.
 
   m_t = β₁ m + (1−β₁) g,  v_t = β₂ v + (1−β₂) g²,  m̂ = m_t / (1−β₁ᵗ),  v̂ = v_t / (1−β₂ᵗ),
@@ -149,16 +126,13 @@ class Adam(Optimizer):
   name = "adam"
 
   def validate(self) -> None:
-    _check(self.learning_rate > 0, f"adam: learning_rate must be > 0, got {self.learning_rate}")
-    _check(0 <= self.b1 < 1, f"adam: b1 must be in [0, 1), got {self.b1}")
-    _check(0 <= self.b2 < 1, f"adam: b2 must be in [0, 1), got {self.b2}")
-    _check(self.eps >= 0, f"adam: eps must be >= 0, got {self.eps}")
-
-  def init_phi(self, key=None):
-    return _log_lr_phi(self.learning_rate)
+    check(self.learning_rate > 0, f"adam: learning_rate must be > 0, got {self.learning_rate}")
+    check(0 <= self.b1 < 1, f"adam: b1 must be in [0, 1), got {self.b1}")
+    check(0 <= self.b2 < 1, f"adam: b2 must be in [0, 1), got {self.b2}")
+    check(self.eps >= 0, f"adam: eps must be >= 0, got {self.eps}")
 
   def init(self, phi, params):
-    return AdamState(_zeros(params), _zeros(params), jnp.zeros([], jnp.int32))
+    return AdamState(zeros_like_tree(params), zeros_like_tree(params), jnp.zeros([], jnp.int32))
 
   def update(self, phi, state, grads, params, ctx: StepContext):
     b1, b2 = self.b1, self.b2
@@ -167,7 +141,7 @@ class Adam(Optimizer):
     count = state.count + 1
     c1 = 1 - b1 ** count.astype(jnp.float32)
     c2 = 1 - b2 ** count.astype(jnp.float32)
-    lr = _lr(phi)
+    lr = self.learning_rate_of(phi)
     updates = jax.tree.map(
         lambda a, b: -lr.astype(a.dtype) * (a / c1.astype(a.dtype))
         / (jnp.sqrt(b / c2.astype(b.dtype)) + self.eps), m, v)
@@ -179,7 +153,7 @@ class RMSPropState(NamedTuple):
 
 
 @dataclasses.dataclass(frozen=True)
-class RMSProp(Optimizer):
+class RMSProp(LogLearningRate, Optimizer):
   """RMSProp (Tieleman & Hinton 2012) in optax's default form.
 
   v_t = ρ v_{t−1} + (1−ρ) g²  (v_0 = 0),  u = −η g / √(v_t + ε)  (ε inside the square root, no
@@ -193,20 +167,17 @@ class RMSProp(Optimizer):
   name = "rmsprop"
 
   def validate(self) -> None:
-    _check(self.learning_rate > 0, f"rmsprop: learning_rate must be > 0, got {self.learning_rate}")
-    _check(0 <= self.decay < 1, f"rmsprop: decay must be in [0, 1), got {self.decay}")
-    _check(self.eps > 0, f"rmsprop: eps must be > 0, got {self.eps}")
-
-  def init_phi(self, key=None):
-    return _log_lr_phi(self.learning_rate)
+    check(self.learning_rate > 0, f"rmsprop: learning_rate must be > 0, got {self.learning_rate}")
+    check(0 <= self.decay < 1, f"rmsprop: decay must be in [0, 1), got {self.decay}")
+    check(self.eps > 0, f"rmsprop: eps must be > 0, got {self.eps}")
 
   def init(self, phi, params):
-    return RMSPropState(_zeros(params))
+    return RMSPropState(zeros_like_tree(params))
 
   def update(self, phi, state, grads, params, ctx: StepContext):
     rho = self.decay
     v = jax.tree.map(lambda g, t: (1 - rho) * g * g + rho * t, grads, state.v)
-    lr = _lr(phi)
+    lr = self.learning_rate_of(phi)
     updates = jax.tree.map(lambda g, b: -lr.astype(g.dtype) * g * jax.lax.rsqrt(b + self.eps),
                            grads, v)
     return updates, RMSPropState(v)

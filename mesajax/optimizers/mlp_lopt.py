@@ -40,6 +40,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from mesajax.optimizers import common
 from mesajax.optimizers.base import Optimizer, PyTree, StepContext
 from mesajax.optimizers.features import (TIME_SCALES, feature_row, second_moment_normalize,
                                           split_rows, time_features)
@@ -130,8 +131,7 @@ class MLPLOpt(Optimizer):
 
   def validate(self) -> None:
     def check(cond, msg):
-      if not cond:
-        raise ValueError(f"mlp_lopt: {msg}")
+      common.check(cond, f"mlp_lopt: {msg}")
     check(self.hidden_size >= 1, f"hidden_size must be >= 1, got {self.hidden_size}")
     check(self.hidden_layers >= 0, f"hidden_layers must be >= 0, got {self.hidden_layers}")
     check(len(self.decays) >= 1 and all(0 <= d < 1 for d in self.decays),

@@ -35,6 +35,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from mesajax.optimizers import common
 from mesajax.optimizers.base import Optimizer, PyTree, StepContext
 from mesajax.optimizers.features import (TIME_SCALES, feature_row, log_sign_preprocess,
                                           second_moment_normalize, split_rows, time_features)
@@ -129,8 +130,7 @@ class RNNLOpt(Optimizer):
 
   def validate(self) -> None:
     def check(cond, msg):
-      if not cond:
-        raise ValueError(f"rnn_lopt: {msg}")
+      common.check(cond, f"rnn_lopt: {msg}")
     check(self.cell in CELLS, f"cell must be one of {CELLS}, got {self.cell!r}")
     check(self.hidden_size >= 1, f"hidden_size must be >= 1, got {self.hidden_size}")
     check(self.preprocess_p > 0, f"preprocess_p must be > 0, got {self.preprocess_p}")

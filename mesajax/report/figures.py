@@ -18,9 +18,11 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 
-BASELINE_STYLE = {"sgd": ("tab:gray", "--"), "sgdm": ("tab:blue", "--"), "adam": ("tab:orange", "--"),
-                  "rmsprop": ("tab:purple", "--")}
+BASELINE_COLORS = {"sgd": "tab:gray", "sgdm": "tab:blue", "adam": "tab:orange",
+                   "rmsprop": "tab:purple"}
+OTHER_BASELINE_COLORS = ("tab:olive", "tab:cyan", "tab:brown")
 LEARNED_COLORS = ("tab:red", "tab:green", "tab:brown", "tab:pink", "tab:olive", "tab:cyan")
+ROLE_LABELS = {"learned": "learned", "baseline": "tuned lr", "oracle": "oracle"}
 
 
 def _num(v) -> float:
@@ -47,9 +49,6 @@ def meta_training_curve(metrics: Sequence[dict], path: str) -> str | None:
       if r["num_skipped"] > prev:
         skipped.append(r["outer_step"])
       prev = total = r["num_skipped"]
-    elif r.get("skipped"):
-      skipped.append(r["outer_step"])
-      total += 1
   if skipped:
     ax.plot([], [], "k|", label=f"outer updates skipped ({total})")
     for s in skipped:
@@ -65,32 +64,36 @@ def meta_training_curve(metrics: Sequence[dict], path: str) -> str | None:
   return _save(fig, path)
 
 
-def eval_curves(rows: Iterable[dict], split: str, path: str,
-                optimizers: Sequence[str] | None = None) -> str | None:
-  """Held-out outer-loss curves of every optimizer on ``split``; ``None`` if no curve rows."""
+def eval_curves(rows: Iterable[dict], split: str, path: str) -> str | None:
+  """Held-out outer-loss curves of every optimizer on ``split`` (learned first, then the tuned
+  baselines; styled by each row's ``role``); ``None`` if no curve rows."""
   curves: dict[str, list] = {}
-  n_tasks = {}
+  n_tasks, role = {}, {}
   for r in rows:
     if r.get("analysis") == "eval_curve" and r.get("split") == split and r.get("metric") == "outer_loss":
       curves.setdefault(r["optimizer"], []).append(
           (r["step"], _num(r["value"]), _num(r["ci_low"]), _num(r["ci_high"])))
       n_tasks[r["optimizer"]] = r.get("n")
+      role[r["optimizer"]] = r.get("role", "learned")
   if not curves:
     return None
-  order = [o for o in (optimizers or []) if o in curves] + sorted(set(curves) - set(optimizers or []))
+  order = sorted(curves, key=lambda o: (role[o] != "learned", list(curves).index(o)))
   fig, ax = plt.subplots(figsize=(6, 3.8))
   positive = True
-  learned_i = 0
+  learned_i = other_i = 0
   for name in order:
     pts = np.array(sorted(curves[name]), np.float64)
     step, mean, lo, hi = pts.T
-    if name in BASELINE_STYLE:
-      color, ls = BASELINE_STYLE[name]
-      label = f"{name} (tuned lr)"
-    else:
+    if role[name] == "learned":
       color, ls = LEARNED_COLORS[learned_i % len(LEARNED_COLORS)], "-"
       learned_i += 1
-      label = f"{name} (learned)"
+    else:
+      color = BASELINE_COLORS.get(name)
+      if color is None:
+        color = OTHER_BASELINE_COLORS[other_i % len(OTHER_BASELINE_COLORS)]
+        other_i += 1
+      ls = "--"
+    label = f"{name} ({ROLE_LABELS.get(role[name], role[name])})"
     ax.plot(step, mean, color=color, ls=ls, lw=1.8 if ls == "-" else 1.3, label=label)
     ax.fill_between(step, lo, hi, color=color, alpha=0.18, lw=0)
     vals = np.concatenate([mean, lo, hi])
@@ -124,13 +127,12 @@ def split_names(rows: Iterable[dict], analysis: str = "eval_curve") -> list[str]
   return sorted(seen, key=lambda s: (s != "heldout", seen.index(s)))
 
 
-def make_figures(rows: Sequence[dict], metrics: Sequence[dict], outdir: str,
-                 optimizers: Sequence[str] | None = None) -> dict:
+def make_figures(rows: Sequence[dict], metrics: Sequence[dict], outdir: str) -> dict:
   """All report figures. Returns ``{"meta_training": path|None, "eval_curves": {split: path}}``."""
   out = {"meta_training": meta_training_curve(metrics, os.path.join(outdir, "meta_training.png")),
          "eval_curves": {}}
   for split in split_names(rows):
-    p = eval_curves(rows, split, os.path.join(outdir, f"eval_curves_{split}.png"), optimizers)
+    p = eval_curves(rows, split, os.path.join(outdir, f"eval_curves_{split}.png"))
     if p:
       out["eval_curves"][split] = p
   return out

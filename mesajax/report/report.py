@@ -6,25 +6,24 @@ Inputs: ``DIR/results.jsonl`` (tidy rows, ``mesajax.report.rows``), ``DIR/metric
 When a row is written twice (an evaluation re-run after a resume appends again), the last one wins.
 
 Sections: a header (config, task family, optimizer, seed, versions), meta-training summary and
-curve, one held-out evaluation table per split (optimizers x metrics, 95% bootstrap CIs over
-tasks) with a sentence, computed from the rows, on whether the learned optimizer beats lr-tuned
-Adam on mean final outer loss, the baselines' tuning, and the mesa-objective analyses when
-``mesajax.analysis.report`` (``report_section(rows) -> str``, ``make_figures(rows, outdir)``) exists.
+curve, one held-out evaluation table per split (optimizers by role — learned, tuned baselines,
+oracle — x metrics, 95% bootstrap CIs over tasks) with a sentence, computed from the rows, on
+whether the learned optimizer beats lr-tuned Adam on mean final outer loss, the baselines' tuning,
+and the mesa-objective analyses (``report_section`` and ``make_figures`` of the analysis report).
 """
 from __future__ import annotations
 
-import importlib
 import json
 import os
 from typing import Any, Sequence
 
+from mesajax.analysis import report as analysis_report
 from mesajax.report import figures
 from mesajax.report.rows import ordered_unique, read_rows
 
-EVAL_METRICS = ("final_outer_loss", "mean_outer_loss", "diverged_frac")
 METRIC_TITLES = {"final_outer_loss": "final outer loss", "mean_outer_loss": "mean outer loss",
-                 "diverged_frac": "diverged fraction"}
-KNOWN_BASELINES = ("sgd", "sgdm", "adam", "rmsprop")
+                 "diverged_frac": "diverged fraction", "overfit_frac": "overfit fraction"}
+ROLE_TAGS = {"learned": "(learned)", "baseline": "(tuned lr)", "oracle": "(oracle)"}
 _ID_KEYS = ("analysis", "split", "optimizer", "metric", "step", "lr", "baseline")
 
 
@@ -74,19 +73,19 @@ def _find(rows, analysis, split, optimizer, metric, **extra):
   return None
 
 
-def learned_and_baselines(rows: Sequence[dict]) -> tuple[list[str], list[str]]:
-  """Optimizer names in the eval rows: learned ones (not tuned) first, then the tuned baselines."""
-  evals = ordered_unique(r["optimizer"] for r in rows if r.get("analysis") == "eval")
-  tuned = set(r["optimizer"] for r in rows if r.get("analysis") == "tuning") | set(KNOWN_BASELINES)
-  baselines = [b for b in KNOWN_BASELINES if b in evals] + [o for o in evals
-                                                             if o in tuned and o not in KNOWN_BASELINES]
-  return [o for o in evals if o not in tuned], baselines
+def roles(rows: Sequence[dict]) -> dict[str, list[str]]:
+  """Optimizer names in the eval rows by their ``role`` (``learned``, ``baseline``, ``oracle``), in
+  order of appearance. The role is written by evaluation from the optimizer class."""
+  out = {"learned": [], "baseline": [], "oracle": []}
+  for r in rows:
+    if r.get("analysis") == "eval" and r.get("role") in out and r["optimizer"] not in out[r["role"]]:
+      out[r["role"]].append(r["optimizer"])
+  return out
 
 
 # --- sections ------------------------------------------------------------------------------------
 def _header(workdir, config, meta, rows, metrics, learned) -> list[str]:
-  name = (config.get("name") or config.get("config_name") or meta.get("config_name")
-          or meta.get("config") or (learned[0] if learned else os.path.basename(os.path.abspath(workdir))))
+  name = config.get("name") or os.path.basename(os.path.abspath(workdir))
   out = [f"# mesajax report: {name}", ""]
   task, opt = config.get("task") or {}, config.get("optimizer") or {}
   if task:
@@ -104,10 +103,7 @@ def _header(workdir, config, meta, rows, metrics, learned) -> list[str]:
     out.append("- meta-training: " + ", ".join(f"{k}={meta_cfg[k]}" for k in keys if k in meta_cfg))
   if "seed" in config:
     out.append(f"- seed: {config['seed']}")
-  env = []  # meta.json: flat {package: version, git_commit, ...} or nested {"versions": {...}}
-  for k, v in meta.items():
-    items = sorted(v.items()) if isinstance(v, dict) else [(k, v)]
-    env += [f"{kk}={vv}" for kk, vv in items if vv is not None]
+  env = [f"{k}={v}" for k, v in meta.items() if v is not None]  # meta.json: {package: version, ...}
   if env:
     out.append("- environment: " + ", ".join(env))
   out.append(f"- rows: {len(rows)} in `results.jsonl`, {len(metrics)} in `metrics.jsonl`")
@@ -127,10 +123,8 @@ def _meta_training(metrics, fig_path) -> list[str]:
     parts.append(f"meta-loss {fmt(first.get('meta_loss'))} at step {first['outer_step']} -> "
                  f"{fmt(last.get('meta_loss'))} at step {last['outer_step']}")
   if last.get("num_skipped") is not None:  # running count kept by the meta-training loop
-    parts.append(f"{fmt(last['num_skipped'])} outer updates skipped (non-finite meta-loss or gradient)")
-  elif any(m.get("skipped") is not None for m in logged):  # only per-row flags: count the rows
-    flags = [bool(m.get("skipped")) for m in logged]
-    parts.append(f"skipped (non-finite) outer updates in {sum(flags)} of {len(flags)} logged rows")
+    parts.append(f"{fmt(last['num_skipped'])} outer updates skipped (non-finite meta-loss, "
+                 "gradient or update)")
   if last.get("time_s") is not None:
     parts.append(f"{fmt(last['time_s'])} s of wall time since meta-training last (re)started")
   if selection:
@@ -173,14 +167,18 @@ def comparison_sentence(rows, split, learned, reference="adam") -> str:
   return s + "."
 
 
-def _eval_section(rows, learned, baselines, curve_figs) -> list[str]:
+def _eval_section(rows, by_role, curve_figs) -> list[str]:
   out = ["## Held-out evaluation", "",
          "Each optimizer runs for the split's full inner horizon on held-out tasks (never seen in "
          "meta-training or tuning); baselines use the learning rate tuned on separate tuning tasks "
          "of the same split. Cells: mean over tasks [95% percentile-bootstrap CI over tasks]; "
-         "a task diverges when its final outer loss exceeds its initial one or is not finite; "
-         "`inf` marks non-finite losses.", ""]
-  optimizers = learned + baselines
+         "a task diverges when its final outer loss is not finite or exceeds 100 times its "
+         "initial one, and overfits when it ends above its initial loss without diverging; "
+         "`inf` marks non-finite losses. The oracle row, where the task family has one, is the "
+         "best achievable outer loss on the same tasks (e.g. the Bayes posterior mean).", ""]
+  learned = by_role["learned"]
+  optimizers = learned + by_role["baseline"] + by_role["oracle"]
+  tag = {o: ROLE_TAGS[r] for r, names in by_role.items() for o in names}
   splits = figures.split_names(rows, "eval")
   if not splits:
     return out + ["No evaluation rows.", ""]
@@ -188,14 +186,18 @@ def _eval_section(rows, learned, baselines, curve_figs) -> list[str]:
     any_row = next(r for r in rows if r.get("analysis") == "eval" and r.get("split") == split)
     horizon = any_row.get("horizon")
     out += [f"### Split `{split}`" + (f" (horizon {horizon}, {any_row.get('n')} tasks)" if horizon else ""),
-            "", "| optimizer | " + " | ".join(METRIC_TITLES[m] for m in EVAL_METRICS) + " |",
-            "|---|" + "---|" * len(EVAL_METRICS)]
+            "", "| optimizer | " + " | ".join(METRIC_TITLES.values()) + " |",
+            "|---|" + "---|" * len(METRIC_TITLES)]
     for o in optimizers:
-      cells = [fmt_ci(_find(rows, "eval", split, o, m)) for m in EVAL_METRICS]
+      cells = [fmt_ci(_find(rows, "eval", split, o, m)) for m in METRIC_TITLES]
       if any(c != "n/a" for c in cells):
-        tag = " (tuned lr)" if o in baselines else " (learned)"
-        out.append(f"| `{o}`{tag} | " + " | ".join(cells) + " |")
+        out.append(f"| `{o}` {tag[o]} | " + " | ".join(cells) + " |")
     out.append("")
+    for o in learned:
+      gap = _find(rows, "eval_paired", split, o, "gap_to_oracle", baseline="oracle")
+      if gap is not None:
+        out += [f"Gap of `{o}` to the oracle (paired over the same tasks): {fmt_ci(gap)}"
+                + (f" ({gap['undefined']})" if gap.get("undefined") else "") + ".", ""]
     for l in learned:
       out += [comparison_sentence(rows, split, l), ""]
     if split in curve_figs:
@@ -203,7 +205,7 @@ def _eval_section(rows, learned, baselines, curve_figs) -> list[str]:
   return out
 
 
-def _tuning_section(rows, baselines) -> list[str]:
+def _tuning_section(rows) -> list[str]:
   best = [r for r in rows if r.get("analysis") == "tuning" and r.get("metric") == "best_lr"]
   if not best:
     return []
@@ -224,24 +226,11 @@ def _tuning_section(rows, baselines) -> list[str]:
 
 
 def _analysis_section(rows, workdir, figdir) -> list[str]:
-  out = ["## Mesa-objective analyses", ""]
-  try:
-    mod = importlib.import_module("mesajax.analysis.report")
-  except ModuleNotFoundError as e:
-    if e.name not in ("mesajax.analysis.report", "mesajax.analysis"):
-      raise
-    return out + ["Analysis reporting is not available in this version (`mesajax.analysis.report`).", ""]
-  paths = mod.make_figures(rows, figdir) if hasattr(mod, "make_figures") else None
-  text = mod.report_section(rows) if hasattr(mod, "report_section") else ""
-  out += [text.rstrip(), ""]
-  if isinstance(paths, dict):
-    paths = list(paths.values())
-  for p in paths or []:
-    if not isinstance(p, (str, os.PathLike)):
-      continue
+  text = analysis_report.report_section(rows)
+  out = ["## Mesa-objective analyses", "", text.rstrip(), ""]
+  for p in analysis_report.make_figures(rows, figdir):
     rel = os.path.relpath(os.fspath(p), workdir)
-    if rel not in text and os.path.basename(rel) not in text:
-      out += [f"![{os.path.splitext(os.path.basename(rel))[0]}]({rel})", ""]
+    out += [f"![{os.path.splitext(os.path.basename(rel))[0]}]({rel})", ""]
   return out
 
 
@@ -252,13 +241,14 @@ def write_report(workdir: str) -> str:
   config = _read_json(os.path.join(workdir, "config.json"))
   meta = _read_json(os.path.join(workdir, "meta.json"))
   figdir = os.path.join(workdir, "figures")
-  learned, baselines = learned_and_baselines(rows)
-  figs = figures.make_figures(rows, metrics, figdir, learned + baselines)
+  by_role = roles(rows)
+  learned = by_role["learned"]
+  figs = figures.make_figures(rows, metrics, figdir)
   rel = lambda p: os.path.relpath(p, workdir) if p else None  # noqa: E731
   lines = _header(workdir, config, meta, rows, metrics, learned)
   lines += _meta_training(metrics, rel(figs["meta_training"]))
-  lines += _eval_section(rows, learned, baselines, {s: rel(p) for s, p in figs["eval_curves"].items()})
-  lines += _tuning_section(rows, baselines)
+  lines += _eval_section(rows, by_role, {s: rel(p) for s, p in figs["eval_curves"].items()})
+  lines += _tuning_section(rows)
   lines += _analysis_section(rows, workdir, figdir)
   path = os.path.join(workdir, "report.md")
   with open(path, "w") as f:

@@ -17,10 +17,11 @@ the inner/outer objective split made explicit: ``train_loss`` is what the inner 
 from __future__ import annotations
 
 import dataclasses
-import math
 from typing import Any, Callable, ClassVar, Mapping
 
 import jax
+
+from mesajax.checks import check, check_finite_fields, is_int  # noqa: F401 (re-exported)
 
 PyTree = Any
 Array = jax.Array
@@ -95,10 +96,7 @@ class TaskFamily:
 
   def check_finite(self) -> None:
     """Rejects non-finite float knobs with a one-line ``ValueError``."""
-    for f in dataclasses.fields(self):
-      v = getattr(self, f.name)
-      if isinstance(v, float) and not math.isfinite(v):
-        raise ValueError(f"{self.name}: {f.name} must be a finite number, got {v!r}")
+    check_finite_fields(self, self.name)
 
   # --- helpers -----------------------------------------------------------------------------
   def replace(self, **overrides) -> "TaskFamily":
@@ -117,14 +115,3 @@ class TaskFamily:
 
   def sample_batch(self, key: Array, n: int) -> PyTree:
     return jax.vmap(self.sample)(jax.random.split(key, n))
-
-
-def check(cond: bool, msg: str) -> None:
-  """Knob validation: raise a one-line ``ValueError``."""
-  if not cond:
-    raise ValueError(msg)
-
-
-def is_int(v) -> bool:
-  """An integer knob value (bools are ints in Python, but not valid sizes)."""
-  return isinstance(v, int) and not isinstance(v, bool)

@@ -103,10 +103,6 @@ def multiclass_hinge(logits_NxC: jax.Array, y_N: jax.Array) -> jax.Array:
   return jnp.mean(jax.nn.relu(1.0 - margins(logits_NxC, y_N)))
 
 
-def error_rate(logits_NxC: jax.Array, y_N: jax.Array) -> jax.Array:
-  """0-1 error (an evaluation metric: zero gradient almost everywhere)."""
-  return jnp.mean(jnp.argmax(logits_NxC, axis=1) != y_N)
-
 
 # --- the shared classification task family ------------------------------------------------------
 @dataclasses.dataclass(frozen=True)
@@ -138,10 +134,6 @@ class ClassifierFamily(TaskFamily):
 
   def outer_loss_full(self, params, task):
     return cross_entropy(self.logits(params, task["x_val"]), task["y_val"])
-
-  def error_rate(self, params, task, split: str = "val"):
-    """0-1 error on ``split`` (evaluation metric; zero gradient, so not a proxy)."""
-    return error_rate(self.logits(params, task[f"x_{split}"]), task[f"y_{split}"])
 
   def proxies(self):
     def train_hinge(params, task):

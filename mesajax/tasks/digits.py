@@ -60,6 +60,12 @@ class Digits(ClassifierFamily):
   """Softmax regression or a one-hidden-layer MLP on random splits of sklearn's digits."""
 
   name = "digits"
+  test_kwargs = {"n_train": 48, "n_val": 64, "batch_size": 16}
+  test_shift = dict(n_train=100, n_val=30, hidden=7, activation="relu", batch_size=None,
+                    label_noise=0.3)
+  gd_lr = 0.5
+  default_shifts = {"label_noise": {"task": {"label_noise": 0.3}},
+                    "hidden_32": {"task": {"hidden": 32}}, "horizon_x10": {"horizon_mult": 10}}
 
   n_train: int = 256
   n_val: int = 512

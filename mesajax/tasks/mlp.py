@@ -53,6 +53,12 @@ class TeacherMLP(ClassifierFamily):
   """MLP student on random-MLP-teacher labels; see module doc for the knobs."""
 
   name = "mlp"
+  test_kwargs = {"n_train": 48, "n_val": 64, "batch_size": 16, "width": 8}
+  test_shift = dict(dim=3, n_classes=2, width=5, depth=0, activation="relu", teacher_width=4,
+                    n_train=20, n_val=10, batch_size=None, label_noise=0.3)
+  gd_lr = 0.2
+  default_shifts = {"label_noise": {"task": {"label_noise": 0.3}}, "width_x2": {"task": {"width": 32}},
+                    "horizon_x10": {"horizon_mult": 10}}
 
   dim: int = 8
   n_classes: int = 4

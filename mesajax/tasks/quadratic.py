@@ -53,6 +53,12 @@ class Quadratic(TaskFamily):
   """Random (rotated, ill-conditioned) quadratics with optional gradient noise; see module doc."""
 
   name = "quadratic"
+  test_shift = dict(dim=5, cond=100.0, eig_max=2.0, rotate=False, optimum_scale=0.1,
+                    init_scale=1.0, noise=0.3)
+  gd_lr = 0.5
+  default_shifts = {"dim_x2": {"task": {"dim": 20}}, "cond_x10": {"task": {"cond": 100.0}},
+                    "optimum_far": {"task": {"optimum_scale": 3.0}},
+                    "horizon_x10": {"horizon_mult": 10}}
 
   dim: int = 10
   cond: float = 10.0
@@ -98,6 +104,10 @@ class Quadratic(TaskFamily):
       xi_D = jax.random.normal(key, (self.dim,))
       loss = loss + self.noise * xi_D @ params["theta"]
     return loss
+
+  def oracle(self, task):
+    """The minimiser θ* of the (noiseless) outer loss: outer loss 0."""
+    return {"theta": task["theta_star"]}
 
   def proxies(self):
     def dist_opt(params, task):

@@ -128,6 +128,11 @@ class LinearRegression(_GaussianRegression):
   """Noisy linear regression, 1/2 MSE loss; see module doc for the knobs."""
 
   name = "linreg"
+  test_shift = dict(dim=4, n_train=50, n_val=30, input_cond=30.0, init_scale=1.0, batch_size=8,
+                    noise=0.0, w_scale=3.0)
+  gd_lr = 0.1
+  default_shifts = {"n_train_x10": {"task": {"n_train": 200}}, "noiseless": {"task": {"noise": 0.0}},
+                    "dim_x2": {"task": {"dim": 20}}, "horizon_x10": {"horizon_mult": 10}}
 
   noise: float = 0.5
   w_scale: float = 1.0
@@ -142,6 +147,13 @@ class LinearRegression(_GaussianRegression):
 
   def _loss(self, params, x_NxD, y_N):
     return 0.5 * jnp.mean(jnp.square(predict(params, x_NxD) - y_N))
+
+  def oracle(self, task):
+    """The Bayes posterior mean of the weights given the training rows (the best achievable
+    expected outer loss under the family's prior): with v = w_scale·w* ~ N(0, w_scale²/dim · I),
+    b = 0 and noise σ, it is ridge regression w = (XᵀX + λI)⁻¹Xᵀy with λ = σ²·dim / w_scale²
+    (σ = 0: the minimum-norm least-squares solution), computed through the SVD of X."""
+    return bayes_posterior_mean(task, self.noise ** 2 * self.dim / max(self.w_scale ** 2, 1e-30))
 
   def proxies(self):
     def param_error(params, task):
@@ -159,6 +171,16 @@ class LinearRegression(_GaussianRegression):
     return {"param_error": param_error, "pop_excess": pop_excess}
 
 
+def bayes_posterior_mean(task, lam: float) -> dict:
+  """Ridge weights (XᵀX + λI)⁻¹Xᵀy on the training rows through the SVD X = U diag(s) Vᵀ,
+  w = V diag(s / (s² + λ)) Uᵀy (λ = 0: minimum-norm least squares), b = 0, as params."""
+  x_NxD, y_N = task["x_train"], task["y_train"]
+  u, s, vt = jnp.linalg.svd(x_NxD, full_matrices=False)
+  tol = jnp.max(s) * max(x_NxD.shape) * jnp.finfo(s.dtype).eps
+  filt = jnp.where(s > tol, s / (s * s + lam), 0.0)
+  return {"w": vt.T @ (filt * (u.T @ y_N)), "b": jnp.zeros([], y_N.dtype)}
+
+
 def least_squares(task, split: str = "train") -> dict:
   """Closed-form least-squares fit (with bias) on ``split``'s rows, as params (minimum-norm
   solution when the system is underdetermined)."""
@@ -173,6 +195,11 @@ class LogisticRegression(_GaussianRegression):
   """Binary logistic regression on a logistic teacher, mean BCE loss; see module doc."""
 
   name = "logreg"
+  test_shift = dict(dim=4, n_train=50, n_val=30, input_cond=30.0, init_scale=1.0, batch_size=8,
+                    logit_scale=50.0, label_noise=0.2)
+  gd_lr = 0.5
+  default_shifts = {"label_noise": {"task": {"label_noise": 0.2}},
+                    "n_train_x10": {"task": {"n_train": 200}}, "horizon_x10": {"horizon_mult": 10}}
 
   logit_scale: float = 4.0
   label_noise: float = 0.0
@@ -210,9 +237,3 @@ class LogisticRegression(_GaussianRegression):
       return -jnp.mean(s_N * predict(params, task["x_train"]))
 
     return {"train_hinge": train_hinge, "neg_margin": neg_margin}
-
-
-def error_rate(params, task, split: str = "train") -> jax.Array:
-  """0-1 error of the logistic classifier on ``split`` (an evaluation metric, zero gradient)."""
-  z_N = predict(params, task[f"x_{split}"])
-  return jnp.mean((z_N > 0).astype(jnp.float32) != task[f"y_{split}"])
