@@ -64,7 +64,7 @@ def benchmark(config, steps: int = 100, repeats: int = 3) -> dict:
       "compile_s": compile_s, "outer_steps_per_s": outer,
       "outer_steps_per_s_all": rates, "inner_steps_per_s": outer * inner_per_outer,
       "inner_steps_per_outer_step": inner_per_outer, "timed_steps": steps, "repeats": repeats,
-      "final_meta_loss": float(metrics["meta_loss"]), **_peak_memory_mb(),
+      "final_meta_loss": float(jax.numpy.mean(metrics["meta_loss"])), **_peak_memory_mb(),
   }
 
 

@@ -3,3 +3,9 @@ import sys
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+
+# Accelerators default to reduced-precision float32 matrix products (TF32 on NVIDIA GPUs, bf16
+# passes on TPUs); the tests compare against float64 references at float32 tolerances.
+import jax  # noqa: E402
+
+jax.config.update("jax_default_matmul_precision", "highest")
