@@ -3,7 +3,7 @@
 Mirrors ``FixedDimQuadraticFamily`` (loss Σ(target − θ)², target ~ N(0, 1), dim 10) with the
 default ``MLPLOpt`` (19 input features, MLP 32×2, 2 outputs, 1762 meta-parameters), truncations of
 50 inner steps inside a horizon of 1000 with staggered starts, outer Adam 3e-4, 32 tasks
-(see ../shared/notes/performance.md for the peer's numbers on a 2-core CPU).
+(the reference's own speed setup).
 
 Launch:
   python -m mesajax.bench --config configs/lopt_reference.py --config.meta.estimator=pes
@@ -16,7 +16,6 @@ import ml_collections
 
 from configs import quickstart
 from mesajax.config import get_config_with_arg
-from mesajax.registry import task_kwargs
 
 
 def get_config(arg=None):
@@ -27,9 +26,8 @@ def _config():
   c = quickstart.get_config()
   c.name = "lopt_reference"
   c.task.name = "quadratic"
-  c.task.kwargs = ml_collections.ConfigDict(task_kwargs(
-      "quadratic", dim=10, eig_max=2.0, cond=1.0, rotate=False, optimum_scale=1.0,
-      init_scale=1.0, noise=0.0))  # learned_optimization draws theta_0 ~ N(0, I)
+  c.task.kwargs = ml_collections.ConfigDict(dict(
+      dim=10, eig_max=2.0, cond=1.0, rotate=False, optimum_scale=1.0, init_scale=1.0, noise=0.0))  # learned_optimization draws theta_0 ~ N(0, I)
   c.optimizer.name = "mlp_lopt"
   c.meta.num_tasks = 32
   c.meta.horizon = 1000

@@ -12,18 +12,17 @@ import ml_collections
 
 from configs import quickstart
 from mesajax.config import get_config_with_arg
-from mesajax.registry import task_kwargs
 
 
 def get_config(arg=None):
-  return get_config_with_arg(_config, arg)
+  return get_config_with_arg(_config, arg, smoke_shift="dim_x2")
 
 
 def _config():
   c = quickstart.get_config()
   c.name = "quadratic"
   c.task.name = "quadratic"
-  c.task.kwargs = ml_collections.ConfigDict(task_kwargs("quadratic", dim=10, cond=10.0, noise=1.0))
+  c.task.kwargs = ml_collections.ConfigDict(dict(dim=10, cond=10.0, noise=1.0))
   c.shifts = ml_collections.ConfigDict({
       "dim_x2": {"task": {"dim": 20}},
       "cond_x10": {"task": {"cond": 100.0}},

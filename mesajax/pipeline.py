@@ -5,6 +5,10 @@
 
 Every stage after ``train`` reads the checkpoint and config from the run directory, so it can be
 rerun on any saved run, and learned and hand-designed optimizers take the same path.
+
+Every stage holds the run directory's lock (``mesajax.lock``). Result rows carry ``stage`` and
+``checkpoint`` (the step they were computed from) and are written with
+``mesajax.report.rows.replace_rows``: a rerun replaces its own rows instead of appending duplicates.
 """
 from __future__ import annotations
 
@@ -13,16 +17,19 @@ import time
 
 import ml_collections
 
-from mesajax import checkpoint, rundir
+from mesajax import checkpoint, lock, rundir
 from mesajax.config import resolve
 from mesajax.registry import make_optimizer
-from mesajax.report.rows import append_rows
+from mesajax.report.rows import remove_rows, replace_rows
 from mesajax.splits import make_splits
 
 RESULTS = "results.jsonl"
 
 
 def load_run_config(workdir: str) -> ml_collections.ConfigDict:
+  if not os.path.isdir(workdir):
+    raise ValueError(f"--workdir {workdir} does not exist" if not os.path.exists(workdir)
+                     else f"--workdir {workdir} is not a directory")
   saved = rundir.read_config(workdir)
   if saved is None:
     raise ValueError(f"{workdir} holds no run (no config.json); train one with "
@@ -34,14 +41,22 @@ def load_learned(workdir: str, step: int | None = None):
   """``(config, opt, phi, step)`` from a run directory's checkpoint (latest by default).
 
   ``phi`` is the selected ``best_phi`` when the run used selection (``meta.select_every`` > 0) and
-  the last outer step's phi otherwise.
+  the last outer step's phi otherwise. For a seed population (``meta.num_seeds`` > 1) every leaf
+  of ``phi`` has a leading member axis (each member's own selection).
   """
+  import jax
+  import jax.numpy as jnp
   from mesajax.meta.outer import MetaTrainer
   config = load_run_config(workdir)
   trainer = MetaTrainer(config)
   state = checkpoint.restore_state(workdir, trainer.abstract_state(), step)
-  selected = int(config.meta.select_every) > 0 and bool(state.best_score < float("inf"))
-  return config, trainer.opt, (state.best_phi if selected else state.phi), int(state.step)
+  if int(config.meta.select_every) > 0:
+    scored = jnp.isfinite(state.best_score)  # per member: selection has run
+    phi = jax.tree.map(lambda b, p: jnp.where(scored.reshape(scored.shape + (1,) * (b.ndim - scored.ndim)),
+                                              b, p), state.best_phi, state.phi)
+  else:
+    phi = state.phi
+  return config, trainer.opt, phi, int(state.step)
 
 
 def hand_designed(config, name: str):
@@ -63,17 +78,41 @@ def _timed(label, fn, *args, **kwargs):
   return out
 
 
-def train(config, workdir: str, progress: bool = True):
+def train(config, workdir: str, progress: bool = True, checkpoint_step: int | None = None):
+  """Meta-trains (resuming from the latest usable checkpoint, or from ``checkpoint_step``: later
+  steps, their metrics rows and result rows are set aside under ``DIR/set_aside/``)."""
   from mesajax.meta.train import train as meta_train
-  return meta_train(config, workdir, progress=progress)
+  rundir.check_workdir(workdir)
+  with lock.hold(workdir):
+    if checkpoint_step is not None:
+      _set_aside_results(workdir, checkpoint_step)
+    return meta_train(config, workdir, progress=progress, checkpoint_step=checkpoint_step)
+
+
+def _set_aside_results(workdir, step):
+  import json
+  gone = remove_rows(os.path.join(workdir, RESULTS),
+                     lambda r: isinstance(r.get("checkpoint"), int) and r["checkpoint"] > step)
+  if gone:
+    dest = checkpoint.set_aside_dir(workdir)
+    os.makedirs(dest, exist_ok=True)
+    with open(os.path.join(dest, RESULTS), "a") as f:
+      f.writelines(json.dumps(r) + "\n" for r in gone)
 
 
 def evaluate(workdir: str, step: int | None = None) -> list[dict]:
   from mesajax.eval.evaluate import evaluate_all
-  config, opt, phi, _ = load_learned(workdir, step)
-  rows = evaluate_all(opt, phi, config.name, make_splits(config), config.eval, int(config.seed))
-  append_rows(os.path.join(workdir, RESULTS), rows)
-  return rows
+  load_run_config(workdir)  # one line before taking the lock when DIR holds no run
+  with lock.hold(workdir):
+    config, opt, phi, at = load_learned(workdir, step)
+    if int(config.meta.num_seeds) > 1:
+      from mesajax.eval.population import evaluate_population
+      rows = evaluate_population(opt, phi, config.name, make_splits(config), config.eval,
+                                 int(config.seed))
+    else:
+      rows = evaluate_all(opt, phi, config.name, make_splits(config), config.eval,
+                          int(config.seed))
+    return replace_rows(os.path.join(workdir, RESULTS), rows, stage="evaluate", checkpoint=at)
 
 
 def analyze(workdir: str, step: int | None = None, config=None, optimizer: str | None = None):
@@ -81,27 +120,52 @@ def analyze(workdir: str, step: int | None = None, config=None, optimizer: str |
   ``config`` and ``optimizer``, on a hand-designed optimizer on that config's family."""
   from mesajax.analysis.suite import run_analyses
   if optimizer is None:
-    config, opt, phi, _ = load_learned(workdir, step)
-    name = config.name
+    load_run_config(workdir)  # one line before taking the lock when DIR holds no run
   else:
-    os.makedirs(workdir, exist_ok=True)
-    opt, phi = hand_designed(config, optimizer)
-    name = optimizer
-  rows = run_analyses(opt, phi, name, make_splits(config), config.analysis, int(config.seed))
-  append_rows(os.path.join(workdir, RESULTS), rows)
-  return rows
+    rundir.check_workdir(workdir)
+  with lock.hold(workdir):
+    if optimizer is None:
+      config, opt, phi, at = load_learned(workdir, step)
+      name = config.name
+    else:
+      opt, phi = hand_designed(config, optimizer)
+      name, at = optimizer, None
+    splits = make_splits(config)
+    if optimizer is None and int(config.meta.num_seeds) > 1:  # every member of the population
+      import jax
+      rows = []
+      for s in range(int(config.meta.num_seeds)):
+        member = jax.tree.map(lambda x: x[s], phi)
+        rows += [dict(r, seed=s) for r in
+                 run_analyses(opt, member, name, splits, config.analysis, int(config.seed))]
+    else:
+      rows = run_analyses(opt, phi, name, splits, config.analysis, int(config.seed))
+    return replace_rows(os.path.join(workdir, RESULTS), rows, stage="analyze", checkpoint=at)
 
 
 def report(workdir: str) -> str:
+  """Writes ``DIR/report.md`` (and figures) from the rows; ``ValueError`` when ``DIR`` holds no
+  run or no results."""
   from mesajax.report.report import write_report
-  return write_report(workdir)
+  from mesajax.report.rows import read_rows
+  if not os.path.isdir(workdir):
+    raise ValueError(f"--workdir {workdir} does not exist")
+  if rundir.read_config(workdir) is None and not os.path.exists(os.path.join(workdir, RESULTS)):
+    raise ValueError(f"{workdir} holds no run (no config.json, no {RESULTS}); nothing to report")
+  if not read_rows(os.path.join(workdir, RESULTS)):
+    raise ValueError(f"{workdir} has no result rows yet; run `evaluate` or `analyze` first")
+  with lock.hold(workdir):
+    return write_report(workdir)
 
 
-def run_all(config, workdir: str, progress: bool = True) -> str:
+def run_all(config, workdir: str, progress: bool = True,
+            checkpoint_step: int | None = None) -> str:
   """The main job: meta-train, evaluate, analyse, report. Returns the report's path."""
-  _timed("meta-train", train, config, workdir, progress)
-  _timed("evaluate", evaluate, workdir)
-  _timed("analyse", analyze, workdir)
-  path = _timed("report", report, workdir)
+  rundir.check_workdir(workdir)
+  with lock.hold(workdir):
+    _timed("meta-train", train, config, workdir, progress, checkpoint_step)
+    _timed("evaluate", evaluate, workdir)
+    _timed("analyse", analyze, workdir)
+    path = _timed("report", report, workdir)
   print(f"report: {path}")
   return path

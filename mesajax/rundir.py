@@ -4,8 +4,13 @@ Layout of ``DIR``:
   config.json      the resolved config (what defines the run)
   meta.json        package versions, platform, git commit
   checkpoints/     orbax step folders (``mesajax.checkpoint``)
-  metrics.jsonl    meta-training log rows (outer_step, meta_loss, grad_norm, ...)
-  results.jsonl    tidy result rows (eval, analyses); appended, never rewritten
+  checksums/       SHA-256 of every checkpoint step folder (``mesajax.checkpoint``)
+  metrics.jsonl    meta-training log rows (outer_step, meta_loss, grad_norm, ...); rows past the
+                   checkpoint a run resumes from are set aside, so they always match it
+  results.jsonl    tidy result rows (eval, analyses), keyed; a rerun stage replaces its own rows
+                   (atomic rewrite, ``mesajax.report.rows.replace_rows``)
+  set_aside/       checkpoint steps and metrics rows a resume moved out of the way (never deleted)
+  .lock            the run directory's lock (``mesajax.lock``)
   report.md, figures/   generated from the rows
 """
 from __future__ import annotations
@@ -66,8 +71,42 @@ def read_config(workdir: str) -> dict | None:
   path = os.path.join(workdir, "config.json")
   if not os.path.exists(path):
     return None
-  with open(path) as f:
-    return json.load(f)
+  try:
+    with open(path) as f:
+      out = json.load(f)
+  except (OSError, ValueError) as e:
+    raise ValueError(f"cannot read {path}: {type(e).__name__}: {str(e).splitlines()[0]}") from None
+  if not isinstance(out, dict):
+    raise ValueError(f"{path} does not hold a config (a JSON object)")
+  return out
+
+
+def check_workdir(workdir: str) -> None:
+  """One-line ``ValueError`` when ``workdir`` cannot be a run directory (before writing)."""
+  if not workdir:
+    raise ValueError("--workdir must not be empty")
+  if os.path.exists(workdir) and not os.path.isdir(workdir):
+    raise ValueError(f"--workdir {workdir} exists and is not a directory")
+  probe = workdir
+  while not os.path.exists(probe):
+    parent = os.path.dirname(os.path.abspath(probe))
+    if parent == os.path.abspath(probe):
+      break
+    probe = parent
+  if not os.path.isdir(probe):
+    raise ValueError(f"--workdir {workdir}: {probe} is not a directory")
+  if not os.access(probe, os.W_OK | os.X_OK):
+    raise ValueError(f"--workdir {workdir}: {probe} is not writable (permission denied)")
+
+
+def _comparable(saved: dict) -> dict:
+  """A saved config with every default filled in (configs from older versions list fewer keys)."""
+  import ml_collections
+  from mesajax.config import resolve
+  try:
+    return resolve(ml_collections.ConfigDict(saved), check_memory=False).to_dict()
+  except Exception:
+    return saved
 
 
 def prepare(workdir: str, config) -> bool:
@@ -76,11 +115,12 @@ def prepare(workdir: str, config) -> bool:
   Returns True when the directory already held this run (a resume). Raises ``ValueError`` when it
   holds a run of another config: a run directory is never silently reused or overwritten.
   """
+  check_workdir(workdir)
   os.makedirs(workdir, exist_ok=True)
   saved = read_config(workdir)
   current = _normalise(config.to_dict())
   if saved is not None:
-    diff = _diff(_normalise(identity_dict(saved)), _normalise(identity(config)))
+    diff = _diff(_normalise(identity_dict(_comparable(saved))), _normalise(identity(config)))
     if diff:
       raise ValueError(f"{workdir} holds a run of another config ({diff}); "
                        f"use another --workdir")
@@ -99,5 +139,7 @@ def identity_dict(saved: dict) -> dict:
 def _write_json(path, obj):
   tmp = path + ".tmp"
   with open(tmp, "w") as f:
-    json.dump(obj, f, indent=2, sort_keys=True, default=list)
+    json.dump(obj, f, indent=2, sort_keys=True, default=list, allow_nan=False)
+    f.flush()
+    os.fsync(f.fileno())
   os.replace(tmp, path)

@@ -13,7 +13,10 @@ BAD = [
     (["--config.meta.foo=1"], "unknown config key 'meta.foo'"),
     (["--config", "configs/does_not_exist.py"], "does not exist"),
     (["--config.meta.horizon=7"], "multiple of"),
-    (["--config.meta.horizon=abc"], "invalid literal"),
+    (["--config.meta.horizon=abc"], "must be an integer"),
+    (["--config.meta.outer_lr=nan"], "finite"),
+    (["--config.analysis.num_steps=3"], "num_steps"),
+    (["--config.task.kwargs.nope=3"], "unknown config key 'task.kwargs.nope'"),
     (["--config.meta.outer_lr=-1.0"], "outer_lr must be > 0"),
     (["--config.meta.estimator=sgd"], "estimator must be one of"),
     (["--config.task.name=nope"], "unknown task family 'nope'"),
@@ -39,9 +42,23 @@ def test_bad_input_is_one_clear_line(args, message):
 
 
 def test_missing_checkpoint_and_unknown_split(tmp_path):
-  (tmp_path / "config.json").write_text("{}")
+  """A valid run directory (its config.json) without checkpoints, an absent --checkpoint step,
+  and an unknown split in the config: each one line, exit 2, reached (not stopped earlier)."""
+  from mesajax.config import load, resolve
+  config = resolve(load(f"{QUICK}:smoke"))
+  (tmp_path / "config.json").write_text(json.dumps(config.to_dict(), default=list))
   proc = run_cli("analyze", "--workdir", str(tmp_path))
-  assert proc.returncode == 2 and proc.stderr.startswith("error: ")
+  lines = [l for l in proc.stderr.splitlines() if l.strip()]
+  assert proc.returncode == 2 and len(lines) == 1, proc.stderr
+  assert "has no checkpoint yet" in lines[0], lines
+  proc = run_cli("evaluate", "--workdir", str(tmp_path), "--checkpoint", "7")
+  lines = [l for l in proc.stderr.splitlines() if l.strip()]
+  assert proc.returncode == 2 and len(lines) == 1 and "no checkpoint" in lines[0], proc.stderr
+  # A shift naming a knob the family lacks (an unknown split definition).
+  proc = run_cli("--config", f"{QUICK}:smoke", "--config.shifts.bad={'task': {'nope': 1}}",
+                 "--workdir", str(tmp_path / "other"))
+  lines = [l for l in proc.stderr.splitlines() if l.strip()]
+  assert proc.returncode == 2 and len(lines) == 1 and "shift 'bad'" in lines[0], proc.stderr
 
 
 def test_smoke_main_job_end_to_end(tmp_path):
@@ -66,21 +83,33 @@ def test_smoke_main_job_end_to_end(tmp_path):
 
 
 def test_interrupt_saves_a_checkpoint_and_resume_finishes(tmp_path):
-  """Ctrl-C during meta-training checkpoints the current state; the same command resumes."""
+  """Ctrl-C during meta-training checkpoints the latest finished step (exit 130); the same
+  command with a larger step count resumes from it (no step recomputed, no metrics duplicated)."""
   import signal
   import subprocess
   import sys
+  from mesajax import checkpoint
   workdir = str(tmp_path / "run")
-  args = [sys.executable, os.path.join(ROOT, "run.py"), "train", "--config", f"{QUICK}:smoke",
-          "--config.meta.num_outer_steps=100000", "--config.meta.checkpoint_every=100000",
-          "--workdir", workdir, "--noprogress"]
+  tiny = ["--config", f"{QUICK}:smoke", "--config.task.name=quadratic",
+          "--config.task.kwargs.rotate=False", "--config.task.kwargs.dim=2",
+          "--config.meta.num_tasks=2", "--config.shifts={}", "--config.optimizer.name=sgd",
+          "--config.meta.select_every=0", "--config.meta.log_every=1",
+          "--config.meta.checkpoint_every=100000", "--workdir", workdir, "--noprogress"]
+  args = [sys.executable, os.path.join(ROOT, "run.py"), "train", *tiny,
+          "--config.meta.num_outer_steps=100000"]
   proc = subprocess.Popen(args, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
   metrics = os.path.join(workdir, "metrics.jsonl")
   deadline = time.time() + 240
   while time.time() < deadline and not (os.path.exists(metrics) and os.path.getsize(metrics) > 0):
-    time.sleep(0.5)
+    time.sleep(0.2)
   proc.send_signal(signal.SIGINT)
   _, err = proc.communicate(timeout=120)
   assert proc.returncode == 130, err[-2000:]
-  ckpts = os.listdir(os.path.join(workdir, "checkpoints"))
-  assert ckpts, "no checkpoint written on interruption"
+  assert "Traceback" not in err
+  saved = checkpoint.latest_step(workdir)
+  assert saved, "no checkpoint written on interruption"
+  proc = run_cli("train", *tiny, f"--config.meta.num_outer_steps={saved + 2}")
+  assert proc.returncode == 0, proc.stderr[-2000:]
+  assert checkpoint.all_steps(workdir)[-2:] == [saved, saved + 2]
+  steps = [json.loads(l)["outer_step"] for l in open(metrics)]
+  assert steps == list(range(1, saved + 3))

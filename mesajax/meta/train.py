@@ -1,24 +1,40 @@
-"""The meta-training loop: resume, step, log, checkpoint.
+"""The meta-training loop: resume, step, log, checkpoint, stop cleanly on a signal.
 
 The host never blocks on the device except to log: step n+1 is dispatched before step n's metrics
 are read (nanodo's habit), and only every ``meta.log_every`` steps. Checkpoints every
-``meta.checkpoint_every`` steps, at the end, and on interruption (Ctrl-C saves, then re-raises), so
-nothing is lost. Resuming from the latest checkpoint continues bit-for-bit (same RNG stream and
-truncation state). With ``meta.select_every`` > 0 the loop also scores phi on full-horizon
-validation runs and keeps the best (``MetaTrainer.select``).
+``meta.checkpoint_every`` steps and at the end. Resuming from the latest checkpoint continues
+bit-for-bit (same RNG stream and truncation state). With ``meta.select_every`` > 0 the loop also
+scores phi on full-horizon validation runs and keeps the best (``MetaTrainer.select``).
+
+Reliability (docs/reliability.md):
+
+* The run directory is locked (``mesajax.lock``) and nothing is written to it before the trainer
+  is built from the (already validated) config.
+* SIGINT / SIGTERM (``mesajax.interrupt``; run.py installs the handlers) only set a flag while the
+  loop runs. After the current outer step the loop stops, flushes the pending metrics row, writes
+  one checkpoint for the latest finished step if it is not already saved, and raises
+  ``Interrupted`` (exit 130 / 143 in run.py).
+* A state holding NaN/inf is never checkpointed (``checkpoint.NonFiniteState``; the last good
+  checkpoint stays the latest).
+* On resume (from the latest usable step, or ``checkpoint_step``), checkpoint steps past the
+  restored one and ``metrics.jsonl`` rows past it (and a torn last line) are moved to
+  ``DIR/set_aside/<time>/``, so the metrics always match the checkpoint.
 """
 from __future__ import annotations
 
 import json
 import os
+import sys
 import time
 
 import jax
 import numpy as np
 from tqdm.auto import tqdm
 
-from mesajax import checkpoint, rundir
+from mesajax import checkpoint, interrupt, lock, rundir
 from mesajax.meta.outer import MetaState, MetaTrainer
+
+METRICS = "metrics.jsonl"
 
 
 def checkpoint_meta(config) -> dict:
@@ -27,7 +43,11 @@ def checkpoint_meta(config) -> dict:
 
 
 def load_or_init(trainer: MetaTrainer, workdir: str, step: int | None = None) -> MetaState:
-  if checkpoint.latest_step(workdir) is None:
+  """The state to continue from: checkpoint ``step`` (latest usable when None), or a fresh one
+  when the directory has no checkpoint."""
+  if not checkpoint.all_steps(workdir):
+    if step is not None:
+      raise ValueError(f"--checkpoint {step}: {workdir} has no checkpoint")
     return trainer.init()
   return checkpoint.restore_state(workdir, trainer.abstract_state(), step)
 
@@ -38,25 +58,73 @@ def _log(path, row):
     f.flush()
 
 
-def train(config, workdir: str, progress: bool = True, trainer: MetaTrainer | None = None):
+def trim_metrics(workdir: str, step: int) -> int:
+  """Keeps the ``metrics.jsonl`` rows up to outer step ``step``; moves later rows (and torn lines)
+  to the set-aside folder. Returns the number of lines moved."""
+  path = os.path.join(workdir, METRICS)
+  if not os.path.exists(path):
+    return 0
+  keep, moved = [], []
+  with open(path) as f:
+    for line in f:
+      if not line.strip():
+        continue
+      try:
+        row = json.loads(line)
+        ok = isinstance(row, dict) and int(row.get("outer_step", 0)) <= step and line.endswith("\n")
+      except (ValueError, TypeError):
+        ok = False
+      (keep if ok else moved).append(line if line.endswith("\n") else line + "\n")
+  if not moved:
+    return 0
+  dest = checkpoint.set_aside_dir(workdir)
+  os.makedirs(dest, exist_ok=True)
+  with open(os.path.join(dest, METRICS), "a") as f:
+    f.writelines(moved)
+  tmp = path + ".tmp"
+  with open(tmp, "w") as f:
+    f.writelines(keep)
+    f.flush()
+    os.fsync(f.fileno())
+  os.replace(tmp, path)
+  return len(moved)
+
+
+def train(config, workdir: str, progress: bool = True, trainer: MetaTrainer | None = None,
+          checkpoint_step: int | None = None):
   """Meta-trains ``config`` in ``workdir`` up to ``config.meta.num_outer_steps`` outer steps.
 
-  Returns ``(trainer, state)``. Resumes from the latest checkpoint when the directory holds this
-  config's run; raises ``ValueError`` when it holds another config's run.
+  Returns ``(trainer, state)``. Resumes from the latest usable checkpoint (or from
+  ``checkpoint_step``) when the directory holds this config's run; raises ``ValueError`` when it
+  holds another config's run, ``lock.Locked`` when another process holds it, and
+  ``interrupt.Interrupted`` after a clean stop on SIGINT/SIGTERM.
   """
+  trainer = trainer or MetaTrainer(config)  # builds everything that can fail; compiles nothing
+  with lock.hold(workdir), interrupt.deferred():
+    return _train(config, workdir, progress, trainer, checkpoint_step)
+
+
+def _train(config, workdir, progress, trainer, checkpoint_step):
   rundir.prepare(workdir, config)
-  trainer = trainer or MetaTrainer(config)
-  state = load_or_init(trainer, workdir)
+  state = load_or_init(trainer, workdir, checkpoint_step)
   start, total = int(state.step), int(config.meta.num_outer_steps)
+  moved = checkpoint.set_aside(workdir, start, reason=f"train resumed from step {start}")
+  dropped = trim_metrics(workdir, start)
+  if moved or dropped:
+    print(f"note: set aside checkpoint steps / metrics rows past step {start} in "
+          f"{checkpoint.set_aside_dir(workdir)}", file=sys.stderr, flush=True)
   meta = checkpoint_meta(config)
-  metrics_path = os.path.join(workdir, "metrics.jsonl")
+  metrics_path = os.path.join(workdir, METRICS)
   log_every, ckpt_every = int(config.meta.log_every), int(config.meta.checkpoint_every)
   select_every = int(config.meta.select_every)
   inner_per_outer = trainer.inner_steps_per_outer_step()
   bar = tqdm(total=total, initial=start, desc="meta-train", disable=not progress, leave=True)
-  pending, t0, last_saved = None, time.perf_counter(), start
+  pending, t0 = None, time.perf_counter()
+  last_saved = start if checkpoint.all_steps(workdir) else None
   try:
     for step in range(start, total):
+      if interrupt.pending() is not None:
+        break
       state, metrics = trainer.step(state)
       if pending is not None:  # read the previous step's metrics after dispatching this one
         _report(pending, metrics_path, bar, t0, inner_per_outer, start)
@@ -67,32 +135,56 @@ def train(config, workdir: str, progress: bool = True, trainer: MetaTrainer | No
       # Only at multiples of select_every, so a resumed run selects exactly as a straight one.
       if select_every and (step + 1) % select_every == 0:
         state, score = trainer.select(state)
-        _log(metrics_path, {"outer_step": step + 1, "select_score": score,
-                            "best_score": float(state.best_score)})
+        _log(metrics_path, {"outer_step": step + 1, "select_score": _finite_mean(score),
+                            "best_score": _finite_mean(jax.device_get(state.best_score)),
+                            **({"select_score_per_seed": [_finite(x) for x in score]}
+                               if trainer.population else {})})
       if (step + 1) % ckpt_every == 0 and step + 1 < total:
+        if pending is not None:  # the metrics row of a checkpointed step is never lost
+          _report(pending, metrics_path, bar, t0, inner_per_outer, start)
+          pending = None
         checkpoint.save(workdir, step + 1, state, meta)
         last_saved = step + 1
-    if pending is not None:
-      _report(pending, metrics_path, bar, t0, inner_per_outer, start)
-    if int(state.step) != last_saved:
-      checkpoint.save(workdir, int(state.step), state, meta)
-  except KeyboardInterrupt:
+  finally:
     bar.close()
-    jax.block_until_ready(state)
-    checkpoint.save(workdir, int(state.step), state, meta)
-    print(f"interrupted: saved checkpoint at outer step {int(state.step)} in {workdir}")
-    raise
-  bar.close()
+  if pending is not None:
+    _report(pending, metrics_path, bar, t0, inner_per_outer, start)
+  jax.block_until_ready(state)
+  step_now = int(state.step)
+  if step_now != last_saved and (step_now > 0 or step_now == total):
+    checkpoint.save(workdir, step_now, state, meta)
+  signum = interrupt.pending()
+  if signum is not None:
+    interrupt.clear()
+    raise interrupt.Interrupted(
+        signum, f"interrupted: checkpoint at outer step {step_now} in {workdir}; rerun the same "
+                f"command to resume")
   return trainer, state
+
+
+def _finite(x):
+  x = float(x)
+  return x if np.isfinite(x) else None  # JSON has no NaN/inf: null instead
+
+
+def _finite_mean(x):
+  """A scalar, or the mean over a population's members (None when any is non-finite)."""
+  return _finite(np.mean(np.asarray(x, np.float64)))
 
 
 def _report(pending, path, bar, t0, inner_per_outer, start):
   step, metrics = pending
   m = jax.device_get(metrics)
   elapsed = time.perf_counter() - t0
-  finite = lambda x: float(x) if np.isfinite(x) else None  # JSON has no NaN: null instead
-  row = {"outer_step": step, "meta_loss": finite(m["meta_loss"]), "grad_norm": finite(m["grad_norm"]),
-         "skipped": bool(m["skipped"]), "num_skipped": int(m["num_skipped"]),
+  # A population logs the mean over its members (and each member's meta-loss).
+  row = {"outer_step": step, "meta_loss": _finite_mean(m["meta_loss"]),
+         "grad_norm": _finite_mean(m["grad_norm"]),
+         "skipped": bool(np.any(m["skipped"])), "num_skipped": int(np.sum(m["num_skipped"])),
          "time_s": elapsed, "inner_steps": (step - start) * inner_per_outer}
+  if np.ndim(m["meta_loss"]):
+    row["meta_loss_per_seed"] = [_finite(x) for x in np.ravel(m["meta_loss"])]
+  nonfinite = [k for k in ("meta_loss", "grad_norm") if row[k] is None]
+  if nonfinite:
+    row["nonfinite"] = nonfinite
   _log(path, row)
-  bar.set_postfix(meta_loss=f"{float(m['meta_loss']):.4f}", skipped=row["num_skipped"])
+  bar.set_postfix(meta_loss=f"{np.mean(m['meta_loss']):.4f}", skipped=row["num_skipped"])
