@@ -35,6 +35,8 @@ import math
 
 import jax
 import jax.numpy as jnp
+from jax.scipy.special import ndtr
+
 
 INPUTS = ("uniform", "normal")
 WEIGHTS = ("gaussian", "sparse")
@@ -108,52 +110,70 @@ class ICLRegression:
     lam = jnp.logspace(0.0, math.log10(self.input_cond), self.d)[::-1] if self.d > 1 else jnp.ones(1)
     return lam / jnp.mean(lam)
 
-  def _inputs(self, key, shape):
+  def _inputs(self, z):
+    """Inputs from standard normals ``z`` (uniforms as 2Φ(z) − 1, exactly U(−1, 1))."""
     if self.inputs == "uniform":
-      z = jax.random.uniform(key, shape, minval=-1.0, maxval=1.0)
-    else:
-      z = jax.random.normal(key, shape)
+      z = 2.0 * ndtr(z) - 1.0
     x = self.input_scale * z * jnp.sqrt(self.cov_diag())
     return jnp.abs(x) if self.orthant else x
 
-  def _one_weight(self, key):
+  def _weight_from(self, z_D, g_D):
+    """One weight vector from two standard-normal draws (``g_D`` picks the sparse support)."""
     if self.weights == "gaussian":
-      return self.tau * jax.random.normal(key, (self.d,))
-    k_val, k_idx = jax.random.split(key)
-    mask = jnp.zeros(self.d).at[jax.random.permutation(k_idx, self.d)[: self.sparsity]].set(1.0)
-    return self.tau * mask * jax.random.normal(k_val, (self.d,))
+      return self.tau * z_D
+    rank_D = jnp.argsort(jnp.argsort(g_D))  # a uniformly random permutation's ranks
+    return self.tau * jnp.where(rank_D < self.sparsity, z_D, 0.0)
 
   def pool(self) -> jax.Array:
-    """The fixed pool of pretraining weights ``[num_pretrain_tasks, d]`` (empty if 0)."""
+    """The fixed pool of pretraining weights ``[max(num_pretrain_tasks, 1), d]``."""
     k = max(self.num_pretrain_tasks, 1)
-    keys = jax.random.split(jax.random.PRNGKey(1_000_003 + self.pool_seed), k)
-    return jax.vmap(self._one_weight)(keys)
+    z = jax.random.normal(jax.random.PRNGKey(1_000_003 + self.pool_seed), (k, 2, self.d))
+    return jax.vmap(self._weight_from)(z[:, 0], z[:, 1])
 
-  def sample_weight(self, key) -> jax.Array:
+  def _sizes(self, m):
+    n, d = self.N, self.d
+    return (d,), (d,), (n, d), (m, d), (n,), (m,), (1,)
+
+  def from_normals(self, z, num_queries: int = 1) -> dict:
+    """One task from a flat vector of standard normals (``num_normals`` of them)."""
+    n, d, m = self.N, self.d, num_queries
+    sizes = [math.prod(s) for s in self._sizes(m)]
+    offsets = [sum(sizes[:i + 1]) for i in range(len(sizes) - 1)]
+    z_w, g_w, z_x, z_q, e_N, e_M, u = [p.reshape(s) for p, s in
+                                       zip(jnp.split(z, offsets), self._sizes(m))]
     if self.num_pretrain_tasks > 0:
-      i = jax.random.randint(key, (), 0, self.num_pretrain_tasks)
-      return self.pool()[i]
-    return self._one_weight(key)
+      i = jnp.minimum(jnp.floor(ndtr(u[0]) * self.num_pretrain_tasks).astype(jnp.int32),
+                      self.num_pretrain_tasks - 1)
+      w_D = self.pool()[i]
+    else:
+      w_D = self._weight_from(z_w, g_w)
+    x_NxD = self._inputs(z_x)
+    xq_MxD = self._inputs(z_q)
+    if self.query == "context_point":
+      xq_MxD = x_NxD[jnp.arange(m) % n]
+    elif self.query == "orthogonal":
+      # Projector onto the orthogonal complement of span{x_i}: I − X⁺X.
+      proj_DxD = jnp.eye(d) - jnp.linalg.pinv(x_NxD) @ x_NxD
+      xq_MxD = xq_MxD @ proj_DxD.T
+    y_N = x_NxD @ w_D + self.sigma * e_N
+    yq_M = xq_MxD @ w_D + self.sigma * e_M
+    return {"x_NxD": x_NxD, "y_N": y_N, "xq_MxD": xq_MxD, "yq_M": yq_M, "w_D": w_D}
+
+  def num_normals(self, num_queries: int = 1) -> int:
+    return sum(math.prod(s) for s in self._sizes(num_queries))
 
   def sample(self, key, num_queries: int = 1) -> dict:
     """One task with ``num_queries`` queries (all sharing the context)."""
-    k_w, k_x, k_q, k_e, k_eq = jax.random.split(key, 5)
-    w_D = self.sample_weight(k_w)
-    x_NxD = self._inputs(k_x, (self.N, self.d))
-    xq_MxD = self._inputs(k_q, (num_queries, self.d))
-    if self.query == "context_point":
-      xq_MxD = x_NxD[jnp.arange(num_queries) % self.N]
-    elif self.query == "orthogonal":
-      # Projector onto span(X)ᵀ's complement: I − X⁺X (via the pseudo-inverse).
-      proj_DxD = jnp.eye(self.d) - jnp.linalg.pinv(x_NxD) @ x_NxD
-      xq_MxD = xq_MxD @ proj_DxD.T
-    y_N = x_NxD @ w_D + self.sigma * jax.random.normal(k_e, (self.N,))
-    yq_M = xq_MxD @ w_D + self.sigma * jax.random.normal(k_eq, (num_queries,))
-    return {"x_NxD": x_NxD, "y_N": y_N, "xq_MxD": xq_MxD, "yq_M": yq_M, "w_D": w_D}
+    return self.from_normals(jax.random.normal(key, (self.num_normals(num_queries),)), num_queries)
 
   def sample_batch(self, key, batch: int, num_queries: int = 1) -> dict:
-    """``batch`` tasks; every leaf gets a leading ``B`` axis."""
-    return jax.vmap(lambda k: self.sample(k, num_queries))(jax.random.split(key, batch))
+    """``batch`` tasks; every leaf gets a leading ``B`` axis.
+
+    Compile time: every ``jax.random`` call inlines its own threefry graph (XLA's CPU compile time
+    grows with their number), so a batch is sliced from ONE Gaussian draw; uniforms are Φ(z).
+    """
+    z_BxZ = jax.random.normal(key, (batch, self.num_normals(num_queries)))
+    return jax.vmap(lambda z: self.from_normals(z, num_queries))(z_BxZ)
 
 
 def shuffle_context(key, task: dict) -> dict:

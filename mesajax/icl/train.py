@@ -96,10 +96,12 @@ class Trainer:
   # --- state ---------------------------------------------------------------------------------
   def init(self) -> TrainState:
     seed = int(self.config.seed)
-    def make(k_init, k_data):
-      params = jax.vmap(self.init_params)(k_init)
-      return TrainState(params, jax.vmap(self.opt.init)(params), jnp.zeros([], jnp.int32), k_data)
-    return jax.jit(make)(seed_keys(seed, self.num_seeds, 0), seed_keys(seed, self.num_seeds, 1))
+    # Eagerly, seed by seed (tracing the module constructors under jit compiles slowly on CPU).
+    k_init = seed_keys(seed, self.num_seeds, 0)
+    per_seed = [self.init_params(k_init[s]) for s in range(self.num_seeds)]
+    params = jax.tree.map(lambda *a: jnp.stack(a), *per_seed)
+    return TrainState(params, jax.vmap(self.opt.init)(params), jnp.zeros([], jnp.int32),
+                      seed_keys(seed, self.num_seeds, 1))
 
   def abstract_state(self) -> TrainState:
     return jax.eval_shape(self.init)
@@ -117,12 +119,25 @@ class Trainer:
         state.params, state.opt_state, state.rng)
     return TrainState(params, opt_state, state.step + 1, rng), {"loss": loss_S, "grad_norm": gnorm_S}
 
+  def spec(self) -> str:
+    """What the compiled step depends on (trainers of equal spec share one compiled step)."""
+    c = self.config.icl
+    keys = ("model", "model_kwargs", "task", "batch_size", "lr", "decay_steps", "grad_clip")
+    return json.dumps({k: (c[k].to_dict() if hasattr(c[k], "to_dict") else c[k]) for k in keys},
+                      sort_keys=True, default=list)
+
   @property
   def step(self):
-    """``step(state) -> (state, metrics)``, jitted once with the state donated."""
+    """``step(state) -> (state, metrics)``, jitted once per spec with the state donated."""
     if self._step_fn is None:
-      self._step_fn = jax.jit(self._step, donate_argnums=0)
+      spec = self.spec()
+      if spec not in _STEPS:
+        _STEPS[spec] = jax.jit(self._step, donate_argnums=0)
+      self._step_fn = _STEPS[spec]
     return self._step_fn
+
+
+_STEPS: dict = {}  # spec -> jitted step, so that a resumed run in the same process reuses it
 
 
 # --- run directories and the loop ----------------------------------------------------------------
@@ -164,7 +179,7 @@ def _row(step, metrics, t0):
   loss = [float(v) if np.isfinite(v) else None for v in np.asarray(m["loss"])]
   fin = [v for v in loss if v is not None]
   return {"step": int(step), "loss": loss, "loss_mean": float(np.mean(fin)) if fin else None,
-          "grad_norm": [float(v) for v in np.nan_to_num(np.asarray(m["grad_norm"]), posinf=1e308)],
+          "grad_norm": [float(v) if np.isfinite(v) else None for v in np.asarray(m["grad_norm"])],
           "time_s": time.perf_counter() - t0}
 
 
