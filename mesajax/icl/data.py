@@ -14,7 +14,7 @@ One task (one sequence) is a weight vector and a context of N labelled points pl
 
 Queries: ``query="iid"`` draws x_q like the context; ``"context_point"`` sets x_q to a context
 input (x_q = x_{m mod N}, label with fresh noise); ``"orthogonal"`` projects an iid query onto the
-orthogonal complement of span{x_1..x_N} (zero when N ≥ d: callers must flag that as undefined).
+orthogonal complement of span{x_1..x_N} (needs N < d; the validator refuses N ≥ d).
 
 Under this prior the Bayes-optimal predictor of the query label is ridge regression
 ŵ = (XᵀX + λ* I)⁻¹ Xᵀy with λ* = σ²/τ² (posterior mean of a Gaussian prior and Gaussian noise;
@@ -86,6 +86,8 @@ class ICLRegression:
          f"num_pretrain_tasks must be an int >= 0, got {self.num_pretrain_tasks!r}")
     need(isint(self.pool_seed) and self.pool_seed >= 0, f"pool_seed must be an int >= 0")
     need(self.query in QUERIES, f"query must be one of {list(QUERIES)}, got {self.query!r}")
+    need(self.query != "orthogonal" or self.N < self.d,
+         f"query='orthogonal' needs N < d (the context spans R^d otherwise), got N={self.N}, d={self.d}")
 
   def replace(self, **overrides) -> "ICLRegression":
     known = {f.name for f in dataclasses.fields(self)}

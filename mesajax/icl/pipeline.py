@@ -145,13 +145,14 @@ def evaluate_state(config, trainer, state, workdir=".") -> list[dict]:
           for k, v in info.items()]
   fams = cfg.shift_families(config)
   models = _models(config, trainer, state, workdir)
+  main_tr, _, main_variants = models[config.name]
+  # One jitted evaluator for every split and parameter set (recompiled only when shapes change).
+  evaluator = A.make_evaluator(main_tr.predict, refs, lam_L, main_variants)
   for split, fam in fams.items():
     tasks = jax.jit(lambda k, fam=fam: fam.sample_batch(k, int(ev.num_tasks), int(ev.num_queries))
                     )(split_key(seed, split))
     lam_star = fam.bayes_lambda
     ref_done = False
-    main_tr, _, main_variants = models[config.name]
-    evaluator = A.make_evaluator(main_tr.predict, refs, lam_L, main_variants)
     for base_who, (tr, params, variants) in models.items():
       res = evaluator(params, tasks)
       if base_who != config.name:  # nulls: the model itself only, not its variants
