@@ -103,15 +103,21 @@ def _tiny(num_steps=300, **icl):
   c.name = "tiny"
   c.icl.task.d, c.icl.task.N = 3, 6
   c.icl.num_steps, c.icl.batch_size, c.icl.lr, c.icl.num_seeds = num_steps, 128, 1e-2, 2
+  c.icl.decay_steps = 300
   c.icl.log_every, c.icl.checkpoint_every = 50, 1000
   for k, v in icl.items():
     c.icl[k] = v
   return c
 
 
-def test_training_moves_lsa_toward_one_gd_step(tmp_path):
-  c = _tiny(300)
-  trainer, state = train.train(c, str(tmp_path), progress=False)
+@pytest.fixture(scope="module")
+def straight(tmp_path_factory):
+  """300 straight steps of a 2-seed population (shared by the training and resume tests)."""
+  return train.train(_tiny(300), str(tmp_path_factory.mktemp("straight")), progress=False)
+
+
+def test_training_moves_lsa_toward_one_gd_step(straight):
+  trainer, state = straight
   fam = trainer.family
   tasks = jax.jit(lambda k: fam.sample_batch(k, 4096))(jax.random.PRNGKey(99))
   eta = R.line_search_gd(fam, 1, num_tasks=2048)
@@ -125,17 +131,17 @@ def test_training_moves_lsa_toward_one_gd_step(tmp_path):
     assert l1 < 1.15 * float(gd), (l0, l1, float(gd))
 
 
-def test_resume_is_bit_exact(tmp_path):
-  a, b = str(tmp_path / "straight"), str(tmp_path / "resumed")
-  _, s_full = train.train(_tiny(20, decay_steps=20), a, progress=False)
-  train.train(_tiny(10, decay_steps=20), b, progress=False)
-  _, s_res = train.train(_tiny(20, decay_steps=20), b, progress=False)
+def test_resume_is_bit_exact(straight, tmp_path):
+  """300 straight steps == 150 steps, a restart from the checkpoint, and 150 more."""
+  _, s_full = straight
+  b = str(tmp_path / "resumed")
+  train.train(_tiny(150), b, progress=False)
+  _, s_res = train.train(_tiny(300), b, progress=False)
+  assert int(s_res.step) == 300
   for x, y in zip(jax.tree.leaves(s_full), jax.tree.leaves(s_res)):
     np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
   with pytest.raises(ValueError, match="another config"):
-    c = _tiny(20, decay_steps=20)
-    c.icl.lr = 0.5
-    train.train(c, b, progress=False)
+    train.train(_tiny(300, lr=0.5), b, progress=False)
 
 
 @pytest.mark.parametrize("path,value,match", [
