@@ -12,13 +12,7 @@ CI size: ``--config configs/icl_gd.py:smoke`` (2 seeds, 40 steps, small evaluati
 """
 import ml_collections
 
-from mesajax.icl.config import default_config
-
-SMOKE = {"num_steps": 40, "decay_steps": 40, "num_seeds": 2, "batch_size": 64, "log_every": 10,
-         "checkpoint_every": 20}
-SMOKE_EVAL = {"num_tasks": 32, "num_queries": 12, "n_boot": 50, "gdpp_iters": 20, "lam_num": 21,
-              "probe_tasks": 64}
-
+from mesajax.icl.config import default_config, shrink
 
 def get_config(arg=None) -> ml_collections.ConfigDict:
   c = default_config()
@@ -42,16 +36,3 @@ def get_config(arg=None) -> ml_collections.ConfigDict:
   c.icl.eval.nulls = ("untrained", "shuffled_context", "single_task")
   c.shifts = ml_collections.ConfigDict()
   return shrink(c, arg)
-
-
-def shrink(c, arg):
-  if arg in (None, ""):
-    return c
-  if arg != "smoke":
-    raise ValueError(f"unknown config argument {arg!r}; the only one is 'smoke'")
-  for k, v in SMOKE.items():
-    c.icl[k] = v
-  for k, v in SMOKE_EVAL.items():
-    c.icl.eval[k] = v
-  c.shifts = ml_collections.ConfigDict(dict(list(c.shifts.to_dict().items())[:1]))
-  return c

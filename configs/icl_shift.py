@@ -11,8 +11,7 @@ CI size: ``--config configs/icl_shift.py:smoke``.
 """
 import ml_collections
 
-from configs.icl_gd import shrink
-from mesajax.icl.config import default_config
+from mesajax.icl.config import default_config, shrink
 from mesajax.icl.shifts import suite
 
 

@@ -14,8 +14,7 @@ CI size: ``--config configs/implied_ridge.py:smoke``.
 """
 import ml_collections
 
-from configs.icl_gd import shrink
-from mesajax.icl.config import default_config
+from mesajax.icl.config import default_config, shrink
 
 TEST_SIGMAS = (0.0, 0.25, 1.0, 2.0)
 

@@ -176,3 +176,16 @@ def test_bad_model_option_and_shift():
   c.shifts = {"bad": {"noise": 1.0}}
   with pytest.raises(ValueError, match="shifts.bad"):
     cfg.validate(c)
+
+
+@pytest.mark.parametrize("name", ["icl_gd", "implied_ridge", "icl_shift"])
+def test_shipped_configs_validate(name):
+  import importlib
+  mod = importlib.import_module(f"configs.{name}")
+  for arg in (None, "smoke"):
+    c = mod.get_config(arg)
+    cfg.validate(c)
+    assert c.kind == "icl"
+  assert mod.get_config("smoke").icl.num_steps <= 40
+  with pytest.raises(ValueError, match="smoke"):
+    mod.get_config("big")

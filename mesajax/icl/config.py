@@ -59,6 +59,27 @@ def default_config() -> ml_collections.ConfigDict:
   return c
 
 
+SMOKE = {"num_steps": 40, "decay_steps": 40, "num_seeds": 2, "batch_size": 64, "log_every": 10,
+         "checkpoint_every": 20}
+SMOKE_EVAL = {"num_tasks": 32, "num_queries": 12, "n_boot": 50, "gdpp_iters": 20, "lam_num": 21,
+              "probe_tasks": 64}
+
+
+def shrink(config, arg):
+  """Config-file helper: ``arg`` None/"" returns ``config``; "smoke" shrinks training and
+  evaluation to a CPU smoke run of seconds and keeps one shift (big_vision's ``runlocal``)."""
+  if arg in (None, ""):
+    return config
+  if arg != "smoke":
+    raise ValueError(f"unknown config argument {arg!r}; the only one is 'smoke'")
+  for k, v in SMOKE.items():
+    config.icl[k] = v
+  for k, v in SMOKE_EVAL.items():
+    config.icl.eval[k] = v
+  config.shifts = ml_collections.ConfigDict(dict(list(config.shifts.to_dict().items())[:1]))
+  return config
+
+
 def task_family(config, **overrides) -> ICLRegression:
   knobs = {**config.icl.task.to_dict(), **overrides}
   knobs = {k: (bool(v) if k == "orthant" else v) for k, v in knobs.items()}
