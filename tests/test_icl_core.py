@@ -189,3 +189,19 @@ def test_shipped_configs_validate(name):
   assert mod.get_config("smoke").icl.num_steps <= 40
   with pytest.raises(ValueError, match="smoke"):
     mod.get_config("big")
+
+
+def test_task_family_knobs():
+  base = data.ICLRegression(d=6, N=4, inputs="normal")
+  draw = lambda fam: jax.jit(lambda k: fam.sample_batch(k, 64, 3))(jax.random.PRNGKey(0))
+  pool = draw(base.replace(num_pretrain_tasks=3, weights="sparse", sparsity=2))
+  assert len({tuple(np.round(np.asarray(w), 5)) for w in pool["w_D"]}) <= 3
+  assert np.all((np.asarray(pool["w_D"]) != 0).sum(1) <= 2)
+  orth = draw(base.replace(query="orthogonal"))
+  np.testing.assert_allclose(np.einsum("bnd,bmd->bnm", orth["x_NxD"], orth["xq_MxD"]), 0, atol=1e-4)
+  pos = draw(base.replace(orthant=True, inputs="uniform", query="context_point"))
+  np.testing.assert_array_equal(pos["xq_MxD"], pos["x_NxD"][:, :3])
+  assert np.all(np.asarray(pos["x_NxD"]) >= 0) and np.all(np.asarray(pos["x_NxD"]) <= 1)
+  np.testing.assert_allclose(pos["y_N"], np.einsum("bnd,bd->bn", pos["x_NxD"], pos["w_D"]), atol=1e-5)
+  with pytest.raises(ValueError, match="N < d"):
+    data.ICLRegression(d=4, N=4, query="orthogonal").validate()
