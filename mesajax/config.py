@@ -39,6 +39,9 @@ ESTIMATORS = tuple(registry.ESTIMATORS)
 OBJECTIVES = ("mean_train", "mean_outer", "final_outer")
 TRANSFORMS = ("clip", "log", "none")
 
+# Kinds of run: meta-training an update rule, or training an in-context learner (mesajax.icl).
+KINDS = ("meta", "icl")
+
 # Fields that may change when a run resumes (they do not change what has been computed).
 # Note: select_every is not resumable: changing it changes which phi is kept.
 RESUMABLE = ("meta.num_outer_steps", "meta.log_every", "meta.checkpoint_every")
@@ -217,7 +220,6 @@ def load(spec: str, overrides: Iterable[str] = ()) -> ml_collections.ConfigDict:
   """``configs/NAME.py[:arg]`` with ``KEY=VALUE`` overrides (``"meta.num_tasks=8"``; a leading
   ``--config.`` is accepted). Unvalidated: pass the result to ``resolve``."""
   config = load_file(spec)
-  d = _fill(config.to_dict(), base_config().to_dict())
   parsed = []
   for item in overrides:
     item = item[len("--config."):] if item.startswith("--config.") else item
@@ -225,6 +227,12 @@ def load(spec: str, overrides: Iterable[str] = ()) -> ml_collections.ConfigDict:
     if not eq or not key:
       raise ValueError(f"config override {item!r} must look like KEY=VALUE")
     parsed.append((key, parse_value(text)))
+  if kind(config) != "meta":  # another kind of run: its own keys, its own validator
+    d = config.to_dict()
+    for key, value in parsed:
+      _apply_existing(d, key, value)
+    return ml_collections.ConfigDict(d)
+  d = _fill(config.to_dict(), base_config().to_dict())
   # Names first: a new name brings that entry's own defaults.
   for section, defaults in (("task", registry.task_kwargs), ("optimizer", registry.optimizer_kwargs)):
     for key, value in parsed:
@@ -253,6 +261,28 @@ def _switch_shifts(shifts: dict, old: str, new: str) -> dict:
   for k, v in copy.deepcopy(getattr(cls, "default_shifts", {}) or {}).items():
     kept.setdefault(k, v)
   return kept
+
+
+def kind(config) -> str:
+  """``"meta"`` (meta-training an update rule: this module's schema) or ``"icl"`` (an in-context
+  learner: ``mesajax.icl.config``), from the config's ``kind`` key (absent: ``"meta"``)."""
+  k = config.get("kind", "meta") if hasattr(config, "get") else "meta"
+  if k not in KINDS:
+    raise ValueError(f"config.kind must be one of {list(KINDS)}, got {k!r}")
+  return k
+
+
+def _apply_existing(d: dict, key: str, value) -> None:
+  """An override of a key the config already has (kinds without a base schema)."""
+  *path, last = key.split(".")
+  node = d
+  for part in path:
+    if not isinstance(node, dict) or part not in node:
+      raise ValueError(f"unknown config key {key!r}")
+    node = node[part]
+  if not isinstance(node, dict) or last not in node:
+    raise ValueError(f"unknown config key {key!r}")
+  node[last] = value
 
 
 def _apply(d: dict, key: str, value) -> None:
@@ -560,6 +590,12 @@ def check_splits(d, config):
 
 def resolve(config, check_memory: bool = True) -> ml_collections.ConfigDict:
   """Validates every section and returns a locked ConfigDict holding every default."""
+  if kind(config) == "icl":
+    from mesajax.icl.config import validate  # the in-context learners' own schema
+    out = validate(ml_collections.ConfigDict(
+        config.to_dict() if hasattr(config, "to_dict") else dict(config)))
+    out.lock()
+    return out
   d = config.to_dict() if hasattr(config, "to_dict") else copy.deepcopy(dict(config))
   d = _fill(d, base_config().to_dict())
   check_top(d)
@@ -586,6 +622,9 @@ def resolve(config, check_memory: bool = True) -> ml_collections.ConfigDict:
 
 def identity(config) -> dict:
   """The part of a resolved config that defines a run (compared on resume)."""
+  if kind(config) == "icl":
+    from mesajax.icl.config import identity as icl_identity
+    return icl_identity(config)
   d = config.to_dict() if hasattr(config, "to_dict") else copy.deepcopy(config)
   for dotted in RESUMABLE:
     *path, last = dotted.split(".")

@@ -18,6 +18,7 @@ import time
 import ml_collections
 
 from mesajax import checkpoint, lock, rundir
+from mesajax.config import kind as config_kind
 from mesajax.config import resolve
 from mesajax.registry import make_optimizer
 from mesajax.report.rows import remove_rows, replace_rows
@@ -78,11 +79,37 @@ def _timed(label, fn, *args, **kwargs):
   return out
 
 
+def _icl():
+  from mesajax.icl import pipeline as icl_pipeline
+  return icl_pipeline
+
+
+def _icl_rows(workdir: str, step: int | None, stage: str) -> list[dict]:
+  """An in-context learner's evaluation (the model, its nulls and the references on every split)
+  or analysis (layer probes) rows, computed from its checkpoint."""
+  from mesajax.icl import probes
+  from mesajax.icl import train as icl_train
+  config, trainer, state = icl_train.load(workdir, step)
+  if stage == "evaluate":
+    return _icl().evaluate_state(config, trainer, state, workdir)
+  return probes.probe_rows(config, trainer, state)
+
+
+def is_icl(config) -> bool:
+  return config_kind(config) == "icl"
+
+
 def train(config, workdir: str, progress: bool = True, checkpoint_step: int | None = None):
   """Meta-trains (resuming from the latest usable checkpoint, or from ``checkpoint_step``: later
-  steps, their metrics rows and result rows are set aside under ``DIR/set_aside/``)."""
+  steps, their metrics rows and result rows are set aside under ``DIR/set_aside/``). An in-context
+  learner's config (``kind = "icl"``) trains that model (``mesajax.icl.pipeline``)."""
   from mesajax.meta.train import train as meta_train
   rundir.check_workdir(workdir)
+  if is_icl(config):
+    if checkpoint_step is not None:
+      raise ValueError("--checkpoint with `train` is for meta-training runs, not in-context learners")
+    with lock.hold(workdir):
+      return _icl().train(config, workdir, progress=progress)
   with lock.hold(workdir):
     if checkpoint_step is not None:
       _set_aside_results(workdir, checkpoint_step)
@@ -104,6 +131,9 @@ def evaluate(workdir: str, step: int | None = None) -> list[dict]:
   from mesajax.eval.evaluate import evaluate_all
   load_run_config(workdir)  # one line before taking the lock when DIR holds no run
   with lock.hold(workdir):
+    if is_icl(load_run_config(workdir)):
+      rows = _icl_rows(workdir, step, "evaluate")
+      return replace_rows(os.path.join(workdir, RESULTS), rows, stage="evaluate", checkpoint=None)
     config, opt, phi, at = load_learned(workdir, step)
     if int(config.meta.num_seeds) > 1:
       from mesajax.eval.population import evaluate_population
@@ -124,6 +154,9 @@ def analyze(workdir: str, step: int | None = None, config=None, optimizer: str |
   else:
     rundir.check_workdir(workdir)
   with lock.hold(workdir):
+    if optimizer is None and is_icl(load_run_config(workdir)):
+      rows = _icl_rows(workdir, step, "analyze")
+      return replace_rows(os.path.join(workdir, RESULTS), rows, stage="analyze", checkpoint=None)
     if optimizer is None:
       config, opt, phi, at = load_learned(workdir, step)
       name = config.name

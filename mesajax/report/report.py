@@ -234,6 +234,17 @@ def _analysis_section(rows, workdir, figdir) -> list[str]:
   return out
 
 
+def _icl_section(rows, workdir, figdir) -> list[str]:
+  """An in-context learner's section (``mesajax.icl.report``): its loss beside every reference and
+  null, the agreement metrics, the implied ridge λ̂ and the layer probes."""
+  from mesajax.icl import report as icl_report
+  out = ["## In-context learner", "", icl_report.report_section(rows).rstrip(), ""]
+  for p in icl_report.make_figures(rows, figdir):
+    rel = os.path.relpath(os.fspath(p), workdir)
+    out += [f"![{os.path.splitext(os.path.basename(rel))[0]}]({rel})", ""]
+  return out
+
+
 def write_report(workdir: str) -> str:
   """Writes ``workdir/report.md`` (and figures under ``workdir/figures/``); returns its path."""
   rows = dedupe(read_rows(os.path.join(workdir, "results.jsonl")))
@@ -246,10 +257,13 @@ def write_report(workdir: str) -> str:
   figs = figures.make_figures(rows, metrics, figdir)
   rel = lambda p: os.path.relpath(p, workdir) if p else None  # noqa: E731
   lines = _header(workdir, config, meta, rows, metrics, learned)
-  lines += _meta_training(metrics, rel(figs["meta_training"]))
-  lines += _eval_section(rows, by_role, {s: rel(p) for s, p in figs["eval_curves"].items()})
-  lines += _tuning_section(rows)
-  lines += _analysis_section(rows, workdir, figdir)
+  if config.get("kind") == "icl":  # an in-context learner: its own section
+    lines += _icl_section(rows, workdir, figdir)
+  else:
+    lines += _meta_training(metrics, rel(figs["meta_training"]))
+    lines += _eval_section(rows, by_role, {s: rel(p) for s, p in figs["eval_curves"].items()})
+    lines += _tuning_section(rows)
+    lines += _analysis_section(rows, workdir, figdir)
   path = os.path.join(workdir, "report.md")
   with open(path, "w") as f:
     f.write("\n".join(lines).rstrip() + "\n")
