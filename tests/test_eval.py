@@ -287,16 +287,17 @@ def test_evaluate_all_with_stand_ins(monkeypatch, tmp_path):
   assert len(read_rows(str(tmp_path / "r.jsonl"))) == len(rows)
 
 
-def test_validation_errors():
-  split = Split("heldout", DiagQuadratic(), 20)
-  with pytest.raises(ValueError, match="curve_every"):
-    ev.validate_eval_config(eval_cfg(curve_every=7), [split])
-  with pytest.raises(ValueError, match="unknown baseline"):
-    ev.validate_eval_config(eval_cfg(baselines=("sgd", "lion")))
-  with pytest.raises(ValueError, match="collides"):
-    ev.validate_eval_config(eval_cfg(), learned_name="sgd")
-  with pytest.raises(ValueError, match="lr_grid"):
-    ev.validate_eval_config(eval_cfg(lr_grid_min=1.0, lr_grid_max=0.1))
+def test_eval_config_errors_are_caught_by_resolve():
+  """The eval section is validated once, by ``mesajax.config.resolve``, before anything runs."""
+  import os
+  from mesajax.config import load, resolve
+  quick = os.path.join(os.path.dirname(os.path.dirname(__file__)), "configs", "quickstart.py")
+  for override, message in (("eval.curve_every=7", "curve_every"),
+                            ("eval.baselines=('sgd', 'lion')", "lion"),
+                            ("name=sgd", "sgd"),
+                            ("eval.lr_grid_min=1.0", "lr_grid")):
+    with pytest.raises(ValueError, match=message):
+      resolve(load(quick, [override]))
 
 
 # --- with the real task family and baselines --------------------------------------------------------

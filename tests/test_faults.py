@@ -84,7 +84,9 @@ def test_family_switch_brings_its_defaults_and_shifts():
   from mesajax.registry import task_kwargs
   c = resolve(load(QUICK, ["task.name=quadratic", "task.kwargs.dim=3"]))
   assert c.task.kwargs.to_dict() == {**task_kwargs("quadratic"), "dim": 3}
-  assert set(c.shifts.keys()) == {"horizon_x10"}  # linreg shifts dropped, horizon-only kept
+  # linreg's knob shifts are dropped, the horizon-only one kept, quadratic's own defaults added
+  from mesajax.registry import task_class
+  assert set(c.shifts.keys()) == {"horizon_x10"} | set(task_class("quadratic").default_shifts)
   c = resolve(load(QUICK, ["optimizer.name=adam", "task.kwargs.batch_size=8",
                            "analysis.dense_max=16", "analysis.endpoint_steps=5"]))
   assert c.optimizer.kwargs.to_dict() == resolve(load(QUICK, ["optimizer.name=adam"])).optimizer.kwargs.to_dict()
