@@ -295,7 +295,7 @@ def test_eval_config_errors_are_caught_by_resolve():
   for override, message in (("eval.curve_every=7", "curve_every"),
                             ("eval.baselines=('sgd', 'lion')", "lion"),
                             ("name=sgd", "sgd"),
-                            ("eval.lr_grid_min=1.0", "lr_grid")):
+                            ("eval.lr_grid_min=5.0", "lr_grid")):
     with pytest.raises(ValueError, match=message):
       resolve(load(quick, [override]))
 
