@@ -7,7 +7,7 @@ task key, so ``sample`` is vmappable:
 
 1. which images: ``n_train`` training rows drawn without replacement from the training pool and
    ``n_val`` validation rows from the test pool (for digits, which has no test split, both come
-   from the one pool and are disjoint). Pools of at most 8192 images are permuted exactly; larger
+   from the one pool and are disjoint). Pools of at most 8192 images are permuted uniformly; larger
    ones (MNIST's 60000) take a random arithmetic progression ``perm[(a*i + b) mod N]`` through a
    fixed host-side shuffle (distinct rows, O(n) instead of a 60000-element sort per task);
 2. resize (``image_size``: bilinear with antialiasing, e.g. 28x28 -> 8x8 as in
@@ -92,7 +92,8 @@ def _pool_order(n: int) -> tuple[np.ndarray, np.ndarray]:
 def distinct_indices(key: jax.Array, n_pool: int, count: int) -> jax.Array:
   """``count`` distinct indices into a pool of ``n_pool`` rows (see the module docstring)."""
   if n_pool <= EXACT_PERMUTATION_MAX:
-    return jax.random.permutation(key, n_pool)[:count]
+    # argsort of random bits: one sort (jax.random.permutation's several compile ~1.5x slower).
+    return jnp.argsort(jax.random.bits(key, (n_pool,)))[:count].astype(jnp.int32)
   perm, units = _pool_order(n_pool)
   draws = jax.random.randint(key, (2,), 0, jnp.array([len(units), n_pool]))
   a, b = jnp.asarray(units)[draws[0]], draws[1]
