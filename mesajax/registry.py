@@ -18,6 +18,7 @@ TASKS: dict[str, str] = {
     "digits": "mesajax.tasks.digits:Digits",
     "image_mlp": "mesajax.tasks.images:ImageMLP",
     "image_mlp_mixture": "mesajax.tasks.images:ImageMLPMixture",
+    "charlm": "mesajax.tasks.charlm:CharLM",
 }
 
 OPTIMIZERS: dict[str, str] = {

@@ -307,3 +307,54 @@ def test_families_gd_run_slow(tmp_path, which):
     _check_run(make_task_family("image_mlp_mixture", images.ImageMLPMixture.test_kwargs))
     return
   _check_run(make_task_family("image_mlp", knobs))
+
+
+# --- character-level language model ------------------------------------------------------------------
+def test_charlm_default_text_smoke_and_shifts():
+  from mesajax.tasks import charlm
+  tokens = charlm.load_text(None)
+  assert 400_000 < len(tokens) < 600_000 and tokens.max() < charlm.VOCAB
+  cls = charlm.CharLM
+  family = make_task_family("charlm", cls.test_kwargs)
+  tasks = _check_run(family)
+  assert tasks["x_train"].shape == (N_TASKS, 16, 9) and tasks["x_val"].shape == (N_TASKS, 8, 9)
+  assert make_task_family("charlm").num_params() == 22_112
+  knobs = family.knobs()
+  assert set(cls.test_shift) | set(cls.file_knobs) == set(knobs)
+  for knob, value in cls.test_shift.items():
+    shifted = family.replace(**{knob: value})
+    assert value != knobs[knob]
+    out = jax.eval_shape(lambda k: shifted.outer_loss_full(
+        shifted.init(k, None), shifted.sample(k)), jax.random.PRNGKey(0))
+    assert out.shape == ()
+
+
+def test_charlm_windows_from_the_right_slices_and_causal(tmp_path):
+  from mesajax.tasks import charlm
+  text = "".join(chr(97 + (i * 7919 % 26)) for i in range(900)) + "é" * 100  # non-ASCII -> ?
+  path = tmp_path / "t.txt"
+  path.write_text(text, encoding="utf-8")
+  family = make_task_family("charlm", {"text_file": str(path), "seq_len": 6, "n_train": 30,
+                                       "n_val": 20, "d_model": 8, "val_fraction": 0.2})
+  tokens = charlm.load_text(str(path))
+  assert len(tokens) == 1000 and set(tokens[900:]) == {ord("?")}
+  task = jax.jit(family.sample)(jax.random.PRNGKey(1))
+  raw = tokens.tobytes()
+  for split, (lo, hi) in (("x_train", (0, 800)), ("x_val", (800, 1000))):
+    for w in np.asarray(task[split]):
+      pos = raw.find(bytes(w.astype(np.uint8)), lo)
+      assert lo <= pos and pos + len(w) <= hi, (split, pos)
+  params = family.init(jax.random.PRNGKey(2), task)
+  x = task["x_train"][:2, :-1]
+  y = x.at[:, 4:].set(5)  # change the future: earlier logits must not move
+  a, b = jax.jit(lambda p, x, y: (charlm.apply(p, family.arch, x), charlm.apply(
+      p, family.arch, y)))(params, x, y)
+  np.testing.assert_allclose(a[:, :4], b[:, :4], atol=1e-5)
+  assert np.abs(np.asarray(a[:, 4:] - b[:, 4:])).max() > 1e-4
+  with pytest.raises(ValueError, match="no text file") as err:
+    make_task_family("charlm", {"text_file": str(tmp_path / "absent.txt")})
+  assert "\n" not in str(err.value)
+  for knobs in ({"d_model": 6, "n_heads": 4}, {"val_fraction": 0.0}, {"seq_len": 1},
+                {"text_file": str(path), "seq_len": 300}):
+    with pytest.raises(ValueError):
+      make_task_family("charlm", knobs)
