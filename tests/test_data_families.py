@@ -358,3 +358,41 @@ def test_charlm_windows_from_the_right_slices_and_causal(tmp_path):
                 {"text_file": str(path), "seq_len": 300}):
     with pytest.raises(ValueError):
       make_task_family("charlm", knobs)
+
+
+# --- benchmark sweep --------------------------------------------------------------------------------
+def test_sweep_cells_and_table():
+  import ml_collections
+  from mesajax import bench
+  config = ml_collections.ConfigDict({"meta": {"num_tasks": 8}})
+  cells = bench.sweep_cells(config, (32, 48), devices=(1,))
+  assert cells == [{"num_tasks": 32, "num_devices": 1}, {"num_tasks": 48, "num_devices": 1}]
+  assert all(c["num_devices"] <= jax.device_count() for c in bench.sweep_cells(config, (64,)))
+  with pytest.raises(ValueError, match="available"):
+    bench.sweep_cells(config, (32,), devices=(jax.device_count() + 1,))
+  config.meta.num_seeds = 1  # seeds are swept only where the trainer has meta.num_seeds
+  cells = bench.sweep_cells(config, (32,), seeds=(1, 4), devices=(1,))
+  assert [c["num_seeds"] for c in cells] == [1, 4]
+  table = bench.markdown_table([{"num_tasks": 32, "num_devices": 1, "estimator": "pes",
+                                 "compile_s": 4.21, "outer_steps_per_s": 12.5,
+                                 "inner_steps_per_s": 40000.0},
+                                {"num_tasks": 4096, "error": "MemoryError: x"}])
+  lines = table.strip().splitlines()
+  assert len(lines) == 4 and "| 32 |" in lines[2] and "40,000" in lines[2]
+  assert "MemoryError" in lines[3]
+  assert bench._ints("32,64", ()) == (32, 64)
+  with pytest.raises(ValueError):
+    bench._ints("0,a", ())
+
+
+@pytest.mark.slow
+def test_sweep_runs_and_writes_table(tmp_path):
+  from configs.quickstart import get_config
+  from mesajax import bench
+  from mesajax.config import resolve
+  config = resolve(get_config("smoke"))
+  out = tmp_path / "sweep.md"
+  rows = bench.run_sweep(config, bench.sweep_cells(config, (2, 4), devices=(1,)), steps=1,
+                         out=str(out), log=lambda _: None)
+  assert [r["num_tasks"] for r in rows] == [2, 4] and all(r["inner_steps_per_s"] > 0 for r in rows)
+  assert out.read_text().count("\n| ") == 3 and (tmp_path / "sweep.json").exists()
