@@ -17,7 +17,7 @@ every cell of tasks x seeds x devices (seeds only where the config has ``meta.nu
 devices up to ``jax.device_count()`` that divide the task count) compiles once and times
 ``--steps`` outer steps (default 3 for the sweep) once, so the CPU sweep takes minutes. It writes a
 markdown table to ``--out`` (default ``runs/bench/sweep.md``) and the JSON rows next to it
-(``.json``), printing each row as it is measured. A cell that fails (e.g. out of memory) becomes a
+(``.json``), both rewritten after every cell. A cell that fails (e.g. out of memory) becomes a
 row with its one-line error.
 """
 from __future__ import annotations
@@ -138,6 +138,19 @@ def markdown_table(rows: list[dict]) -> str:
   return "\n".join(lines) + "\n"
 
 
+def _write_sweep(config, rows, first, steps, out):
+  title = (f"Sweep of `{config.name}` ({config.meta.estimator}, task {config.task.name}, "
+           f"unroll {config.meta.unroll_length}, {first.get('num_meta_params', '?')} meta-params) "
+           f"on {first.get('backend', jax.default_backend())} "
+           f"({first.get('device_kind', jax.devices()[0].device_kind)}), jax {jax.__version__}, "
+           f"{steps} timed outer steps per cell.\n\n")
+  os.makedirs(os.path.dirname(out) or ".", exist_ok=True)
+  with open(out, "w") as f:
+    f.write(title + markdown_table(rows))
+  with open(os.path.splitext(out)[0] + ".json", "w") as f:
+    json.dump(rows, f, indent=2)
+
+
 def run_sweep(config, cells, steps: int = 3, out: str = "runs/bench/sweep.md",
               log=print) -> list[dict]:
   """Benchmarks every cell (``steps`` timed outer steps, one repeat) and writes the table."""
@@ -158,17 +171,7 @@ def run_sweep(config, cells, steps: int = 3, out: str = "runs/bench/sweep.md",
     rows.append(row)
     first = first or row
     log(json.dumps(row))
-  head = first or {}
-  title = (f"Sweep of `{config.name}` ({config.meta.estimator}, task {config.task.name}, "
-           f"unroll {config.meta.unroll_length}, {head.get('num_meta_params', '?')} meta-params) "
-           f"on {head.get('backend', jax.default_backend())} "
-           f"({head.get('device_kind', jax.devices()[0].device_kind)}), jax {jax.__version__}, "
-           f"{steps} timed outer steps per cell.\n\n")
-  os.makedirs(os.path.dirname(out) or ".", exist_ok=True)
-  with open(out, "w") as f:
-    f.write(title + markdown_table(rows))
-  with open(os.path.splitext(out)[0] + ".json", "w") as f:
-    json.dump(rows, f, indent=2)
+    _write_sweep(config, rows, first, steps, out)  # after every cell: a cut-short sweep keeps them
   return rows
 
 
