@@ -15,7 +15,9 @@ Launch:
   # on MNIST from local IDX files (sizes up to 16x16):
   python run.py --config configs/image_mixture.py --workdir runs/image_mixture_mnist \
       --config.task.kwargs.dataset=mnist --config.task.kwargs.data_dir=/path/to/mnist
-Runtime: see docs/tasks.md.
+Runtime: the smoke size (``configs/image_mixture.py:smoke``) took 24 min wall (4.5 min CPU) end
+to end on a 2-core CPU shared at load average 10-16, mostly compilation; the full size was not
+timed.
 """
 import ml_collections
 
