@@ -2,13 +2,23 @@
 
   python -m mesajax.bench --config configs/lopt_reference.py [--config.key=value ...]
       [--steps 100] [--repeats 3] [--out FILE]
+  python -m mesajax.bench --sweep [--config ...] [--sweep_tasks 32,128,512,4096]
+      [--sweep_seeds 1,4,16] [--sweep_devices 1,2,4,8] [--steps 3] [--out docs/sweep.md]
 
 Builds the config's ``MetaTrainer`` and times its jitted outer step: ``compile_s`` is lowering plus
 compilation of the one program; then ``repeats`` blocks of ``steps`` outer steps are timed (the host
 syncs once per block) and medians reported. Inner steps/s counts every inner step of every unroll
 (both antithetic branches for ES/PES), i.e. ``tasks × unroll_length × branches × outer steps/s``,
-the same accounting as ../shared/notes/performance.md. Prints one JSON object and writes it to
-``--out`` (default ``runs/bench/<name>-<estimator>-<tasks>t-<dim>.json``).
+the same accounting as learned_optimization's benchmarks (docs/performance.md). Prints one JSON
+object and writes it to ``--out`` (default ``runs/bench/<name>-<estimator>-<tasks>t-<dim>.json``).
+
+``--sweep`` runs a scaling sweep of the same benchmark (default config: configs/lopt_reference.py):
+every cell of tasks x seeds x devices (seeds only where the config has ``meta.num_seeds``;
+devices up to ``jax.device_count()`` that divide the task count) compiles once and times
+``--steps`` outer steps (default 3 for the sweep) once, so the CPU sweep takes minutes. It writes a
+markdown table to ``--out`` (default ``runs/bench/sweep.md``) and the JSON rows next to it
+(``.json``), both rewritten after every cell. A cell that fails (e.g. out of memory) becomes a
+row with its one-line error.
 """
 from __future__ import annotations
 
@@ -68,6 +78,103 @@ def benchmark(config, steps: int = 100, repeats: int = 3) -> dict:
   }
 
 
+SWEEP_TASKS = (32, 64, 128, 256, 512, 1024, 2048, 4096)
+SWEEP_SEEDS = (1, 4, 16)
+TABLE_COLUMNS = (("num_tasks", "tasks"), ("num_seeds", "seeds"), ("num_devices", "devices"),
+                 ("estimator", "estimator"), ("compile_s", "compile s"),
+                 ("outer_steps_per_s", "outer steps/s"), ("inner_steps_per_s", "inner steps/s"),
+                 ("host_peak_rss_mb", "host peak MB"), ("device_peak_mb", "device peak MB"))
+
+
+def _ints(text: str | None, default) -> tuple[int, ...]:
+  if not text:
+    return tuple(default)
+  try:
+    values = tuple(int(v) for v in text.split(","))
+  except ValueError:
+    raise ValueError(f"expected comma-separated integers, got {text!r}") from None
+  if any(v < 1 for v in values):
+    raise ValueError(f"expected positive integers, got {text!r}")
+  return values
+
+
+def sweep_cells(config, tasks, seeds=None, devices=None) -> list[dict]:
+  """The sweep's cells: dicts of ``meta`` overrides (``num_tasks``, ``num_devices`` and, where the
+  config has ``meta.num_seeds``, ``num_seeds``)."""
+  available = jax.device_count()
+  if devices is None:
+    devices = tuple(d for d in (1, 2, 4, 8, 16, 32, 64) if d <= available)
+  too_many = [d for d in devices if d > available]
+  if too_many:
+    raise ValueError(f"--sweep_devices {too_many} but {available} device(s) are available")
+  has_seeds = "num_seeds" in config.meta
+  seed_values = (seeds or SWEEP_SEEDS) if has_seeds else (None,)
+  cells = []
+  for n in tasks:
+    for s in seed_values:
+      for d in devices:
+        if n % d:
+          continue
+        cell = {"num_tasks": n, "num_devices": d}
+        if s is not None:
+          cell["num_seeds"] = s
+        cells.append(cell)
+  return cells
+
+
+def markdown_table(rows: list[dict]) -> str:
+  def fmt(v):
+    if v is None:
+      return ""
+    if isinstance(v, float):
+      return f"{v:,.0f}" if v >= 100 else f"{v:.3g}"
+    return f"{v:,}" if isinstance(v, int) else str(v)
+
+  lines = ["| " + " | ".join(h for _, h in TABLE_COLUMNS) + " | note |",
+           "|" + "---|" * (len(TABLE_COLUMNS) + 1)]
+  for r in rows:
+    lines.append("| " + " | ".join(fmt(r.get(k)) for k, _ in TABLE_COLUMNS)
+                 + f" | {r.get('error', '')} |")
+  return "\n".join(lines) + "\n"
+
+
+def _write_sweep(config, rows, first, steps, out):
+  title = (f"Sweep of `{config.name}` ({config.meta.estimator}, task {config.task.name}, "
+           f"unroll {config.meta.unroll_length}, {first.get('num_meta_params', '?')} meta-params) "
+           f"on {first.get('backend', jax.default_backend())} "
+           f"({first.get('device_kind', jax.devices()[0].device_kind)}), jax {jax.__version__}, "
+           f"{steps} timed outer steps per cell.\n\n")
+  os.makedirs(os.path.dirname(out) or ".", exist_ok=True)
+  with open(out, "w") as f:
+    f.write(title + markdown_table(rows))
+  with open(os.path.splitext(out)[0] + ".json", "w") as f:
+    json.dump(rows, f, indent=2)
+
+
+def run_sweep(config, cells, steps: int = 3, out: str = "runs/bench/sweep.md",
+              log=print) -> list[dict]:
+  """Benchmarks every cell (``steps`` timed outer steps, one repeat) and writes the table."""
+  import ml_collections
+  from mesajax.config import resolve
+  rows = []
+  first = None
+  for cell in cells:
+    c = ml_collections.ConfigDict(config.to_dict())
+    for k, v in cell.items():
+      c.meta[k] = v
+    try:
+      row = benchmark(resolve(c), steps=steps, repeats=1)
+      row.setdefault("num_seeds", cell.get("num_seeds"))
+    except Exception as e:  # noqa: BLE001 - one cell failing (e.g. memory) must not end the sweep
+      row = {**cell, "estimator": c.meta.estimator,
+             "error": f"{type(e).__name__}: {str(e).splitlines()[0][:120]}"}
+    rows.append(row)
+    first = first or row
+    log(json.dumps(row))
+    _write_sweep(config, rows, first, steps, out)  # after every cell: a cut-short sweep keeps them
+  return rows
+
+
 def main(argv):
   from absl import flags
   from ml_collections import config_flags
@@ -76,16 +183,41 @@ def main(argv):
   config_flags.DEFINE_config_file("config", None, "configs/NAME.py", lock_config=True)
   flags.DEFINE_integer("steps", 100, "timed outer steps per repeat")
   flags.DEFINE_integer("repeats", 3, "timed repeats (the median is reported)")
-  flags.DEFINE_string("out", None, "JSON output path")
+  flags.DEFINE_string("out", None, "JSON output path (--sweep: the markdown table's path)")
+  flags.DEFINE_bool("sweep", False, "run the scaling sweep (tasks x seeds x devices)")
+  flags.DEFINE_string("sweep_tasks", None, "comma-separated task counts (default 32,64,...,4096)")
+  flags.DEFINE_string("sweep_seeds", None, "comma-separated seed counts (default 1,4,16; only "
+                      "where the config has meta.num_seeds)")
+  flags.DEFINE_string("sweep_devices", None, "comma-separated device counts (default: 1, 2, 4, "
+                      "... up to the devices available)")
   FLAGS = flags.FLAGS
   try:
     FLAGS(argv)
-    if FLAGS.config is None:
+    if FLAGS.config is None and not FLAGS.sweep:
       raise ValueError("--config is required")
-    config = resolve(FLAGS.config)
+    if FLAGS.sweep:
+      if FLAGS.config is None:
+        from configs.lopt_reference import get_config
+        base = get_config()
+      else:
+        base = FLAGS.config
+      config = resolve(base)
+      cells = sweep_cells(config, _ints(FLAGS.sweep_tasks, SWEEP_TASKS),
+                          _ints(FLAGS.sweep_seeds, SWEEP_SEEDS),
+                          _ints(FLAGS.sweep_devices, ()) or None)
+      if not cells:
+        raise ValueError("the sweep has no cells (no task count divisible by a device count)")
+    else:
+      config = resolve(FLAGS.config)
   except (flags.Error, ValueError, OSError) as e:
     print(f"error: {str(e).splitlines()[0]}", file=sys.stderr)
     sys.exit(2)
+  if FLAGS.sweep:
+    steps = FLAGS.steps if FLAGS["steps"].present else 3
+    out = FLAGS.out or os.path.join("runs", "bench", "sweep.md")
+    run_sweep(config, cells, steps=steps, out=out)
+    print(f"wrote {out} and {os.path.splitext(out)[0]}.json")
+    return
   result = benchmark(config, FLAGS.steps, FLAGS.repeats)
   out = FLAGS.out or os.path.join(
       "runs", "bench", f"{config.name}-{config.meta.estimator}-{config.meta.num_tasks}t-"

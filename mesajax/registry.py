@@ -16,6 +16,9 @@ TASKS: dict[str, str] = {
     "logreg": "mesajax.tasks.regression:LogisticRegression",
     "mlp": "mesajax.tasks.mlp:TeacherMLP",
     "digits": "mesajax.tasks.digits:Digits",
+    "image_mlp": "mesajax.tasks.images:ImageMLP",
+    "image_mlp_mixture": "mesajax.tasks.images:ImageMLPMixture",
+    "charlm": "mesajax.tasks.charlm:CharLM",
 }
 
 # Meta-gradient estimators (mesajax/meta/estimators.py).
