@@ -40,4 +40,10 @@ def _config():
   c.meta.num_outer_steps = 500
   c.shifts = ml_collections.ConfigDict(
       {**ImageMLPMixture.default_shifts, "horizon_x10": {"horizon_mult": 10}})
+  # Thousands of parameters per task: the analyses use probes only (no dense Jacobians) on a few
+  # tasks and points, which keeps their memory within this CPU's RAM (checked by resolve).
+  c.analysis.dense_max = 0
+  c.analysis.num_tasks = 8
+  c.analysis.num_points = 2
+  c.analysis.num_probes = 16
   return c

@@ -325,10 +325,6 @@ class ImageMLPMixture(_ImageFamily):
   def outer_loss_full(self, params, task):
     return self._ce(params, task, task["x_val"], task["y_val"])
 
-  def error_rate(self, params, task, split: str = "val"):
-    logits = self.masked_logits(params, task[f"x_{split}"], task["mask"])
-    return classifier.error_rate(logits, task[f"y_{split}"])
-
   def proxies(self):
     def train_hinge(params, task):
       logits = self.masked_logits(params, task["x_train"], task["mask"])
