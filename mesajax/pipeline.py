@@ -77,6 +77,10 @@ def train(config, workdir: str, progress: bool = True, checkpoint_step: int | No
   rundir.check_workdir(workdir)
   with lock.hold(workdir):
     if checkpoint_step is not None:
+      steps = checkpoint.all_steps(workdir)
+      if checkpoint_step not in steps:
+        raise ValueError(f"--checkpoint {checkpoint_step}: no such checkpoint in "
+                         f"{checkpoint.checkpoint_dir(workdir)}; saved steps: {steps}")
       _set_aside_results(workdir, checkpoint_step)
     return meta_train(config, workdir, progress=progress, checkpoint_step=checkpoint_step)
 

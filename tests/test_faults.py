@@ -286,11 +286,12 @@ def _trial(workdir, sig, delay, steps, ckpt_every):
     assert "Traceback" not in err, err[-2000:]
   from mesajax import checkpoint
   saved = checkpoint.latest_step(str(workdir))
-  proc = _train_proc(workdir, steps, ckpt_every)
+  proc = _train_proc(workdir, steps, 100000)  # checkpoint_every may change on resume
   _, err = proc.communicate(timeout=600)
   assert proc.returncode == 0, err[-2000:]
   steps_logged = _metrics_steps(workdir)
   assert steps_logged == list(range(1, steps + 1)), "metrics rows lost or duplicated"
+  assert saved is None or saved < steps, "the run ended before the signal"
   return code, saved, _final(workdir)
 
 
@@ -356,7 +357,7 @@ def test_sigterm_checkpoints_and_resumes_bit_exact(tmp_path):
 def test_signal_at_a_random_moment_resumes_bit_exact(tmp_path, straight, sig, trial):
   rng = random.Random(f"{sig}{trial}")
   during_save = trial % 2 == 1  # checkpoint every step: the signal lands in or next to a save
-  steps = 300
+  steps = 3000
   code, saved, final = _trial(tmp_path / "run", getattr(signal, sig), rng.uniform(0, 1.5), steps,
                               1 if during_save else 100000)
   if sig != "SIGKILL":
