@@ -77,6 +77,7 @@ def train(config, workdir: str, progress: bool = True, checkpoint_step: int | No
   rundir.check_workdir(workdir)
   with lock.hold(workdir):
     if checkpoint_step is not None:
+      rundir.check_same(workdir, config)
       steps = checkpoint.all_steps(workdir)
       if checkpoint_step not in steps:
         raise ValueError(f"--checkpoint {checkpoint_step}: no such checkpoint in "
