@@ -110,6 +110,34 @@ def test_every_config_file_resolves_and_config_json_is_strict(tmp_path):
       assert set(c.analysis.keys()) >= {"dense_max", "qs_fit_max_state", "endpoint_steps"}
 
 
+def test_bad_workdir_and_config_file_are_one_line(tmp_path):
+  from mesajax.config import load
+  from mesajax.rundir import check_workdir
+  afile = tmp_path / "afile"
+  afile.write_text("x")
+  cases = [(lambda: check_workdir(str(afile)), "not a directory"),
+           (lambda: check_workdir(str(afile / "sub")), "not a directory")]
+  for name, text, message in [("broken.py", "x = (", "cannot load config"),
+                              ("notcd.py", "def get_config():\n  return {'a': 1}\n", "ConfigDict"),
+                              ("noget.py", "x = 1\n", "no get_config"),
+                              ("raises.py", "def get_config():\n  raise KeyError('k')\n",
+                               "get_config raised KeyError")]:
+    (tmp_path / name).write_text(text)
+    cases.append((lambda n=name: load(str(tmp_path / n)), message))
+  if os.geteuid() != 0:  # root reads and writes everything
+    ro = tmp_path / "ro"
+    ro.mkdir()
+    ro.chmod(0o555)
+    (tmp_path / "secret.py").write_text("x = 1\n")
+    (tmp_path / "secret.py").chmod(0)
+    cases += [(lambda: check_workdir(str(ro / "run")), "not writable"),
+              (lambda: load(str(tmp_path / "secret.py")), "not readable")]
+  for fn, message in cases:
+    with pytest.raises(ValueError) as e:
+      fn()
+    assert message in str(e.value) and "\n" not in str(e.value), str(e.value)
+
+
 CLI_BAD = [
     ([*TINY, "--config.meta.outer_lr=nan"], "finite"),
     ([*TINY, "--config.task.kwargs.dim=1000000000"], "exceeds"),
