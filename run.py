@@ -70,7 +70,10 @@ def parse(argv) -> Args:
   while i < len(argv):
     arg = argv[i]
     if arg in ("-h", "--help", "-help", "--helpfull"):
-      print(__doc__)
+      try:
+        print(__doc__)
+      except BrokenPipeError:
+        pass
       _exit(0)
     if arg.startswith("--config."):
       if "=" not in arg:

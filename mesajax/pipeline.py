@@ -112,6 +112,11 @@ def train(config, workdir: str, progress: bool = True, checkpoint_step: int | No
       return _icl().train(config, workdir, progress=progress)
   with lock.hold(workdir):
     if checkpoint_step is not None:
+      rundir.check_same(workdir, config)
+      steps = checkpoint.all_steps(workdir)
+      if checkpoint_step not in steps:
+        raise ValueError(f"--checkpoint {checkpoint_step}: no such checkpoint in "
+                         f"{checkpoint.checkpoint_dir(workdir)}; saved steps: {steps}")
       _set_aside_results(workdir, checkpoint_step)
     return meta_train(config, workdir, progress=progress, checkpoint_step=checkpoint_step)
 

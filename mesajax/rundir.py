@@ -115,10 +115,21 @@ def prepare(workdir: str, config) -> bool:
   Returns True when the directory already held this run (a resume). Raises ``ValueError`` when it
   holds a run of another config: a run directory is never silently reused or overwritten.
   """
-  check_workdir(workdir)
+  saved = check_same(workdir, config)
   os.makedirs(workdir, exist_ok=True)
-  saved = read_config(workdir)
   current = _normalise(config.to_dict())
+  _write_json(os.path.join(workdir, "config.json"), current)
+  _write_json(os.path.join(workdir, "meta.json"), versions())
+  return saved is not None
+
+
+def check_same(workdir: str, config) -> dict | None:
+  """The saved config of ``workdir`` (None for a new directory) after checking, without writing
+  anything, that it is ``config``'s run; ``ValueError`` otherwise."""
+  check_workdir(workdir)
+  if not os.path.isdir(workdir):
+    return None
+  saved = read_config(workdir)
   if saved is not None:
     diff = _diff(_normalise(identity_dict(_comparable(saved))), _normalise(identity(config)))
     if diff:
@@ -126,9 +137,7 @@ def prepare(workdir: str, config) -> bool:
                        f"use another --workdir")
   elif os.path.isdir(os.path.join(workdir, "checkpoints")):
     raise ValueError(f"{workdir} has checkpoints but no config.json; refusing to reuse it")
-  _write_json(os.path.join(workdir, "config.json"), current)
-  _write_json(os.path.join(workdir, "meta.json"), versions())
-  return saved is not None
+  return saved
 
 
 def identity_dict(saved: dict) -> dict:

@@ -112,6 +112,34 @@ def test_every_config_file_resolves_and_config_json_is_strict(tmp_path):
       assert set(c.analysis.keys()) >= {"dense_max", "qs_fit_max_state", "endpoint_steps"}
 
 
+def test_bad_workdir_and_config_file_are_one_line(tmp_path):
+  from mesajax.config import load
+  from mesajax.rundir import check_workdir
+  afile = tmp_path / "afile"
+  afile.write_text("x")
+  cases = [(lambda: check_workdir(str(afile)), "not a directory"),
+           (lambda: check_workdir(str(afile / "sub")), "not a directory")]
+  for name, text, message in [("broken.py", "x = (", "cannot load config"),
+                              ("notcd.py", "def get_config():\n  return {'a': 1}\n", "ConfigDict"),
+                              ("noget.py", "x = 1\n", "no get_config"),
+                              ("raises.py", "def get_config():\n  raise KeyError('k')\n",
+                               "get_config raised KeyError")]:
+    (tmp_path / name).write_text(text)
+    cases.append((lambda n=name: load(str(tmp_path / n)), message))
+  if os.geteuid() != 0:  # root reads and writes everything
+    ro = tmp_path / "ro"
+    ro.mkdir()
+    ro.chmod(0o555)
+    (tmp_path / "secret.py").write_text("x = 1\n")
+    (tmp_path / "secret.py").chmod(0)
+    cases += [(lambda: check_workdir(str(ro / "run")), "not writable"),
+              (lambda: load(str(tmp_path / "secret.py")), "not readable")]
+  for fn, message in cases:
+    with pytest.raises(ValueError) as e:
+      fn()
+    assert message in str(e.value) and "\n" not in str(e.value), str(e.value)
+
+
 CLI_BAD = [
     ([*TINY, "--config.meta.outer_lr=nan"], "finite"),
     ([*TINY, "--config.task.kwargs.dim=1000000000"], "exceeds"),
@@ -288,11 +316,12 @@ def _trial(workdir, sig, delay, steps, ckpt_every):
     assert "Traceback" not in err, err[-2000:]
   from mesajax import checkpoint
   saved = checkpoint.latest_step(str(workdir))
-  proc = _train_proc(workdir, steps, ckpt_every)
+  proc = _train_proc(workdir, steps, 100000)  # checkpoint_every may change on resume
   _, err = proc.communicate(timeout=600)
   assert proc.returncode == 0, err[-2000:]
   steps_logged = _metrics_steps(workdir)
   assert steps_logged == list(range(1, steps + 1)), "metrics rows lost or duplicated"
+  assert saved is None or saved < steps, "the run ended before the signal"
   return code, saved, _final(workdir)
 
 
@@ -358,7 +387,7 @@ def test_sigterm_checkpoints_and_resumes_bit_exact(tmp_path):
 def test_signal_at_a_random_moment_resumes_bit_exact(tmp_path, straight, sig, trial):
   rng = random.Random(f"{sig}{trial}")
   during_save = trial % 2 == 1  # checkpoint every step: the signal lands in or next to a save
-  steps = 300
+  steps = 3000
   code, saved, final = _trial(tmp_path / "run", getattr(signal, sig), rng.uniform(0, 1.5), steps,
                               1 if during_save else 100000)
   if sig != "SIGKILL":

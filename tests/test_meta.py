@@ -66,6 +66,16 @@ def test_resume_gives_identical_phi(tmp_path, estimator):
   # Selection (smoke: every 3 steps) ran once, at step 3, and its best phi is in the state.
   assert [r["outer_step"] for r in rows if "select_score" in r] == [3]
   assert np.isfinite(float(resumed.best_score))
+  # Resuming from an earlier step (--checkpoint 2): step 4 and the rows past 2 are set aside,
+  # and the recomputed run ends identical again.
+  _, again = train(cfg4, str(tmp_path / "resumed"), progress=False, trainer=trainer,
+                   checkpoint_step=2)
+  jax.tree.map(np.testing.assert_array_equal, jax.device_get(straight), jax.device_get(again))
+  rows = [json.loads(l) for l in open(tmp_path / "resumed" / "metrics.jsonl")]
+  assert [r["outer_step"] for r in rows if "meta_loss" in r] == [2, 4]
+  aside = os.listdir(tmp_path / "resumed" / "set_aside")
+  assert len(aside) == 1
+  assert os.listdir(tmp_path / "resumed" / "set_aside" / aside[0] / "checkpoints") == ["4"]
 
 
 def test_workdir_of_another_config_is_refused(tmp_path):
