@@ -177,38 +177,33 @@ def run_sweep(config, cells, steps: int = 3, out: str = "runs/bench/sweep.md",
 
 def main(argv):
   from absl import flags
-  from ml_collections import config_flags
 
-  from mesajax.config import resolve
-  config_flags.DEFINE_config_file("config", None, "configs/NAME.py", lock_config=True)
+  from mesajax.config import load, resolve
+  flags.DEFINE_string("config", None, "configs/NAME.py[:arg] (--config.KEY=VALUE overrides apply)")
   flags.DEFINE_integer("steps", 100, "timed outer steps per repeat")
   flags.DEFINE_integer("repeats", 3, "timed repeats (the median is reported)")
   flags.DEFINE_string("out", None, "JSON output path (--sweep: the markdown table's path)")
   flags.DEFINE_bool("sweep", False, "run the scaling sweep (tasks x seeds x devices)")
   flags.DEFINE_string("sweep_tasks", None, "comma-separated task counts (default 32,64,...,4096)")
-  flags.DEFINE_string("sweep_seeds", None, "comma-separated seed counts (default 1,4,16; only "
-                      "where the config has meta.num_seeds)")
+  flags.DEFINE_string("sweep_seeds", None, "comma-separated seed counts (default 1,4,16)")
   flags.DEFINE_string("sweep_devices", None, "comma-separated device counts (default: 1, 2, 4, "
                       "... up to the devices available)")
   FLAGS = flags.FLAGS
+  # --config.KEY=VALUE overrides go to mesajax.config.load (the same loader as run.py).
+  overrides = [a for a in argv[1:] if a.startswith("--config.")]
   try:
-    FLAGS(argv)
+    FLAGS([a for a in argv if not a.startswith("--config.")])
     if FLAGS.config is None and not FLAGS.sweep:
       raise ValueError("--config is required")
+    spec = FLAGS.config or os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(
+        __file__))), "configs", "lopt_reference.py")
+    config = resolve(load(spec, overrides))
     if FLAGS.sweep:
-      if FLAGS.config is None:
-        from configs.lopt_reference import get_config
-        base = get_config()
-      else:
-        base = FLAGS.config
-      config = resolve(base)
       cells = sweep_cells(config, _ints(FLAGS.sweep_tasks, SWEEP_TASKS),
                           _ints(FLAGS.sweep_seeds, SWEEP_SEEDS),
                           _ints(FLAGS.sweep_devices, ()) or None)
       if not cells:
         raise ValueError("the sweep has no cells (no task count divisible by a device count)")
-    else:
-      config = resolve(FLAGS.config)
   except (flags.Error, ValueError, OSError) as e:
     print(f"error: {str(e).splitlines()[0]}", file=sys.stderr)
     sys.exit(2)

@@ -11,7 +11,8 @@ and a non-finite loss means the run blew up. ``bootstrap_ci`` therefore maps eve
 ``+inf`` and the interval reflects how often a resample contains such a task (``ci_high = +inf`` as
 soon as more than alpha/2 of the resamples do; ``ci_low`` stays finite while fewer than 1 - alpha/2
 do). The companion metric ``diverged_frac`` (see ``diverged``) counts the same tasks as a fraction,
-with a finite interval. Result rows store +inf as 1e308 (``mesajax.report.rows._clean``); reports
+with a finite interval. Result rows store +inf as null, named in the row's ``nonfinite`` map
+(``mesajax.report.rows``); reports
 print it as ``inf``.
 """
 from __future__ import annotations

@@ -5,7 +5,7 @@
 * ``eval_curves``: per split, the held-out outer loss against inner step, mean over tasks with its
   95% bootstrap band (``eval_curve`` rows), learned optimizer against the tuned baselines.
 
-Values stored as +-1e308 (the rows' encoding of +-inf) and ``None`` are not drawn.
+Non-finite values (stored as ``None``, ``mesajax.report.rows``) are not drawn.
 """
 from __future__ import annotations
 
@@ -29,7 +29,7 @@ def _num(v) -> float:
   if v is None:
     return np.nan
   v = float(v)
-  return v if np.isfinite(v) and abs(v) < 1e300 else np.nan
+  return v if np.isfinite(v) else np.nan
 
 
 def meta_training_curve(metrics: Sequence[dict], path: str) -> str | None:

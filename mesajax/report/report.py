@@ -19,34 +19,38 @@ from typing import Any, Sequence
 
 from mesajax.analysis import report as analysis_report
 from mesajax.report import figures
-from mesajax.report.rows import ordered_unique, read_rows
+from mesajax.report.rows import ordered_unique, read_rows, row_key
 
 METRIC_TITLES = {"final_outer_loss": "final outer loss", "mean_outer_loss": "mean outer loss",
                  "diverged_frac": "diverged fraction", "overfit_frac": "overfit fraction"}
 ROLE_TAGS = {"learned": "(learned)", "baseline": "(tuned lr)", "oracle": "(oracle)"}
-_ID_KEYS = ("analysis", "split", "optimizer", "metric", "step", "lr", "baseline")
 
 
 # --- formatting ----------------------------------------------------------------------------------
 def fmt(v: Any) -> str:
-  """A number as the report prints it: 4 significant digits; +-1e308 (stored inf) as inf."""
+  """A number as the report prints it: 4 significant digits."""
   if v is None:
     return "n/a"
   if isinstance(v, bool):
     return "yes" if v else "no"
   if isinstance(v, (int, float)):
-    if abs(v) >= 1e300:
-      return "inf" if v > 0 else "-inf"
     return f"{v:.4g}"
   return str(v)
+
+
+def field(row: dict, key: str) -> str:
+  """A row's number as printed: a non-finite value (stored as null and named in the row's
+  ``nonfinite`` map, ``mesajax.report.rows``) prints as inf / -inf / nan."""
+  flag = (row.get("nonfinite") or {}).get(key)
+  return flag if flag is not None and row.get(key) is None else fmt(row.get(key))
 
 
 def fmt_ci(row: dict | None) -> str:
   if row is None:
     return "n/a"
-  if row.get("ci_low") is None and row.get("ci_high") is None:
-    return fmt(row["value"])
-  return f"{fmt(row['value'])} [{fmt(row['ci_low'])}, {fmt(row['ci_high'])}]"
+  if all(row.get(k) is None and k not in (row.get("nonfinite") or {}) for k in ("ci_low", "ci_high")):
+    return field(row, "value")
+  return f"{field(row, 'value')} [{field(row, 'ci_low')}, {field(row, 'ci_high')}]"
 
 
 # --- reading -------------------------------------------------------------------------------------
@@ -58,11 +62,8 @@ def _read_json(path: str) -> dict:
 
 
 def dedupe(rows: Sequence[dict]) -> list[dict]:
-  """Keeps the last row for each identity (analysis, split, optimizer, metric, step, lr, baseline)."""
-  last = {}
-  for r in rows:
-    last[tuple(json.dumps(r.get(k)) for k in _ID_KEYS)] = r
-  return list(last.values())
+  """Keeps the last row for each key (``mesajax.report.rows.row_key``)."""
+  return list({row_key(r): r for r in rows}.values())
 
 
 def _find(rows, analysis, split, optimizer, metric, **extra):

@@ -43,6 +43,9 @@ class TaskFamily:
   #: A valid value *different from the default* for every knob: the shared tests build the family
   #: shifted by each entry (so every knob is exercised) and by all of them at once.
   test_shift: ClassVar[dict] = {}
+  #: Knobs that name files or directories on disk (no valid non-default value exists without
+  #: files): exempt from ``test_shift``; the family's own tests load written files through them.
+  file_knobs: ClassVar[tuple] = ()
   #: A plain gradient-descent step size at which the full-batch training loss decreases.
   gd_lr: ClassVar[float] = 0.1
   #: Named shifts (``{"name": {"task": {...}, "horizon_mult": k}}``) that a config choosing this
