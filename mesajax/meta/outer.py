@@ -174,31 +174,39 @@ class MetaTrainer:
     return self._step_fn
 
   # --- selection by full-horizon validation ----------------------------------------------------
-  @property
-  def validation_score(self):
-    """``score(phi) -> float32`` for ONE member's phi: see the module docstring. Jitted once;
-    tasks drawn once."""
-    if getattr(self, "_score_fn", None) is None:
+  def _selection_tasks(self):
+    """The validation tasks of selection (their own key stream), drawn once."""
+    if getattr(self, "_sel_tasks", None) is None:
       c = self.config
-      n, horizon = int(c.meta.select_tasks), int(c.meta.horizon)
+      n = int(c.meta.select_tasks)
       key = purpose_key(int(c.seed), "select", "train")
       task_keys = jax.random.split(jax.random.fold_in(key, 0), n)
       run_keys = jax.random.split(jax.random.fold_in(key, 1), n)
-      tasks = prepare_tasks(self.family, task_keys, run_keys)
-      family = PresetInit(self.family)
+      self._sel_tasks = (prepare_tasks(self.family, task_keys, run_keys), run_keys)
+    return self._sel_tasks
 
-      def score(phi):
-        def one(task, k):
-          curve = run_curve(self.opt, phi, family, task, k, horizon, horizon, every=horizon)
-          ratio = curve["outer_loss"][-1] / jnp.maximum(curve["outer_loss"][0], 1e-12)
-          return jnp.where(jnp.isfinite(ratio), jnp.minimum(ratio, SCORE_CAP), SCORE_CAP)
-        return jnp.mean(jax.vmap(one)(tasks, run_keys))
+  def _score(self, phi, tasks, run_keys):
+    horizon = int(self.config.meta.horizon)
+    family = PresetInit(self.family)
 
-      self._score_fn = jax.jit(score)
+    def one(task, k):
+      curve = run_curve(self.opt, phi, family, task, k, horizon, horizon, every=horizon)
+      ratio = curve["outer_loss"][-1] / jnp.maximum(curve["outer_loss"][0], 1e-12)
+      return jnp.where(jnp.isfinite(ratio), jnp.minimum(ratio, SCORE_CAP), SCORE_CAP)
+
+    return jnp.mean(jax.vmap(one)(tasks, run_keys))
+
+  @property
+  def validation_score(self):
+    """``score(phi) -> float32`` for ONE member's phi: see the module docstring. Jitted once;
+    tasks drawn once and passed as arguments (not baked into the program as constants)."""
+    if getattr(self, "_score_fn", None) is None:
+      jitted = jax.jit(self._score)
+      self._score_fn = lambda phi: jitted(phi, *self._selection_tasks())
     return self._score_fn
 
-  def _select_one(self, state: MetaState):
-    score_fn = self.validation_score
+  def _select_one(self, state: MetaState, tasks, run_keys):
+    score_fn = lambda phi: self._score(phi, tasks, run_keys)
     score = score_fn(state.phi)
     # best_phi is the initial phi until the first selection scores it.
     best_score = jax.lax.cond(jnp.isfinite(state.best_score), lambda: state.best_score,
@@ -211,9 +219,10 @@ class MetaTrainer:
     """Scores the current phi (of every member); keeps it as ``best_phi`` where it beats
     ``best_score``. Returns the new state and the score (a float, or a list per member)."""
     if self._select_fn is None:
-      self._select_fn = jax.jit(self._over_seeds(self._select_one),
-                                out_shardings=(self.shardings(), shd.replicated(self.mesh)))
-    state, score = self._select_fn(state)
+      one = self._select_one
+      fn = jax.vmap(one, in_axes=(0, None, None)) if self.population else one
+      self._select_fn = jax.jit(fn, out_shardings=(self.shardings(), shd.replicated(self.mesh)))
+    state, score = self._select_fn(state, *self._selection_tasks())
     score = jax.device_get(score)
     return state, (score.tolist() if self.population else float(score))
 
