@@ -113,7 +113,7 @@ def identifiable_mask(corr_KxK, include_K, names, train_index: int = 0, vif_max:
       vif = np.diag(np.linalg.inv(c[np.ix_(trial, trial)]))
     except np.linalg.LinAlgError:
       vif = np.array([np.inf])
-    worst = float(np.max(vif)) if np.all(np.isfinite(vif)) else np.inf
+    worst = float(np.max(vif)) if np.all(np.isfinite(vif)) and np.all(vif > 0) else np.inf
     if k == train_index or worst <= vif_max:
       chosen.append(k)
     else:
