@@ -60,9 +60,10 @@ class Rows:
   so does every ``fixed`` row whose value is None or non-finite.
   """
 
-  def __init__(self, split: str, opt_name: str, n_boot: int, seed: int, **common):
+  def __init__(self, split: str, opt_name: str, n_boot: int, seed: int,
+               common: dict | None = None):
     self.split, self.opt, self.n_boot, self.seed = split, opt_name, n_boot, seed
-    self.common = common
+    self.common = dict(common or {})
     self.rows: list[dict] = []
     self.per_task: dict[tuple[str, str], np.ndarray] = {}
 
@@ -295,7 +296,8 @@ class SplitContext:
   the objective fit that ``alignment`` reuses).
   """
 
-  def __init__(self, opt, phi, opt_name, split, acfg, seed, defaults, timings=None, **common):
+  def __init__(self, opt, phi, opt_name, split, acfg, seed, defaults, timings=None,
+               common: dict | None = None):
     self.opt, self.phi, self.opt_name, self.split = opt, phi, opt_name, split
     self.acfg, self.seed, self.defaults, self.timings = acfg, int(seed), defaults, timings
     self.fam = split.family
@@ -306,7 +308,7 @@ class SplitContext:
     self.names = dictionary.term_names(self.fam)
     self.train_ix = self.names.index("train_loss")
     self.outer_ix = self.names.index("outer_loss")
-    self.rows = Rows(split.name, opt_name, int(self.knob("n_boot")), self.seed, **common)
+    self.rows = Rows(split.name, opt_name, int(self.knob("n_boot")), self.seed, common)
     self.cache: dict = {}
     k_tasks, k_init, self.k_pts = jax.random.split(purpose_key(self.seed, "analysis", split.name), 3)
     self.tasks = self.fam.sample_batch(k_tasks, self.b)

@@ -94,9 +94,10 @@ def stage_functions(names=None) -> dict:
 
 
 def analyse_split(opt, phi, opt_name, split, acfg, seed: int, timings: dict | None = None,
-                  stages=None, **common) -> Rows:
-  """Every stage on one split; returns its ``Rows`` (``.rows`` and the per-task vectors)."""
-  ctx = SplitContext(opt, phi, opt_name, split, acfg, seed, DEFAULTS, timings, **common)
+                  stages=None, row_keys: dict | None = None) -> Rows:
+  """Every stage on one split; returns its ``Rows`` (``.rows`` and the per-task vectors).
+  ``row_keys`` (e.g. ``role``, ``seed``) are added to every row."""
+  ctx = SplitContext(opt, phi, opt_name, split, acfg, seed, DEFAULTS, timings, row_keys)
   for stage in stage_functions(stages).values():
     stage(ctx)
   return ctx.rows
@@ -198,7 +199,8 @@ def run_analyses(opt, phi, opt_name: str, splits: dict, acfg, seed: int,
   rows: list[dict] = []
   main: dict = {}
   for split in splits.values():
-    res = analyse_split(opt, phi, opt_name, split, acfg, seed, timings, stages, role="analysed")
+    res = analyse_split(opt, phi, opt_name, split, acfg, seed, timings, stages,
+                        row_keys={"role": "analysed", "seed": int(seed)})
     main[split.name] = res
     rows.extend(res.rows)
   others = []
@@ -215,7 +217,8 @@ def run_analyses(opt, phi, opt_name: str, splits: dict, acfg, seed: int,
     for split in splits.values():
       if only is not None and split.name not in only:
         continue
-      res = analyse_split(o_opt, o_phi, name, split, acfg, seed, timings, stages, role=role)
+      res = analyse_split(o_opt, o_phi, name, split, acfg, seed, timings, stages,
+                          row_keys={"role": role, "seed": int(seed)})
       rows.extend(res.rows)
       rows.extend(paired_rows(main[split.name], res, name, n_boot, seed, alpha))
   ref_split = "heldout" if "heldout" in main else next(iter(main), None)
