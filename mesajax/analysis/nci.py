@@ -284,13 +284,14 @@ def dense_spd_metric(jacs_PxNxN, null_tol: float = 1e-4, deltas=(1e-3, 1e-2, 0.1
       best = cand
     elif not null_dim and cand["nci"] < best["nci"]:
       best = cand
-  if best is None:  # no SPD element found: report the projection of the minimiser to the cone
+  fallback = best is None
+  if fallback:  # no SPD element found: report the projection of the minimiser to the cone
     mat = _from_coords(c0, basis)
     w, v = np.linalg.eigh(mat)
     w = np.maximum(w, 1e-6 * max(w[-1], 1e-300))
     mat = (v * w) @ v.T
     c = _to_coords(mat, basis)
     best = {"nci": nci_of(c), "cond": float(w[-1] / w[0]), "metric": mat}
-  spd = bool(null_dim and best["nci"] < null_tol)
+  spd = bool(null_dim and not fallback and best["nci"] < null_tol)
   return {"nci": best["nci"], "cond": best["cond"], "null_dim": null_dim, "spd": spd,
           "nci_min": float(np.sqrt(nci2[0])), "metric": best["metric"]}

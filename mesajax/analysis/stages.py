@@ -95,7 +95,7 @@ def dense_metric_stage(ctx: SplitContext) -> list[dict]:
   start = len(ctx.rows.rows)
   r, pts = ctx.rows, ctx.points
   spd_max = int(ctx.knob("spd_max"))
-  prefixes = ("", "qs:") if ctx.use_qs else ("",)
+  prefixes = ("", "qs:") if (ctx.use_qs and bool(ctx.knob("spd_on_qs"))) else ("",)
   if ctx.n_params > spd_max:
     for prefix in prefixes:
       r.fixed("nci_metric", prefix + "nci:dense_spd", None, n=0,

@@ -44,6 +44,7 @@ DEFAULTS = {
     "endpoint_steps": None,     # length of the end-point runs (None: the split's horizon; >= 1)
     "dense_max": 2048,          # largest n for the exact dense-Jacobian NCIs (>= 1)
     "spd_max": 32,              # largest n for the dense SPD metric test (>= 1; cost O(n^5))
+    "spd_on_qs": False,         # also run the dense SPD test on ū (doubles its host cost)
     "spd_null_tol": 1e-4,       # NCI_M below which M counts as symmetrising (0 < x < 1)
     "nci_floor": 1e-6,          # float64 numerical floor of an exactly symmetric J (0 < x < 1)
     "qs_max_state": 1024,       # largest float-state size for the quasi-static reduction (>= 0)
