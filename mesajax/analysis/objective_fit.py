@@ -1,40 +1,33 @@
 """Implicit objective fit: which combination of candidate objectives do the updates descend?
 
-Along a trajectory θ_0, …, θ_T with updates u_t = θ_{t+1} − θ_t, fit
+Along a trajectory θ_0, …, θ_T with updates u_t, fit
 
-  u_t ≈ −η_t · M · Σ_k w_k ∇φ_k(θ_t)        (φ_k from ``dictionary``; η_t > 0 on average)
+  u_t ≈ −η_t · M · (∇L_train + Σ_{k≠train} w_k ∇φ_k)(θ_t)     (φ_k from ``dictionary``)
 
 with a per-step scale η_t, a constant positive diagonal metric M (mean 1) and weights w, by
-alternating least squares (each block in closed form): η_t = −⟨u_t, M g_t⟩ / ‖M g_t‖² with
-g_t = Σ_k w_k ∇φ_k(θ_t); M_i = −Σ_t η_t u_ti g_ti / Σ_t η_t² g_ti² (floored at 1e-3·max, rescaled
-to mean 1); w by ridge-stabilised least squares on the stacked (t, i) rows. Columns are scaled to
-unit RMS for the solve. Fixed iteration count (jittable, vmappable over tasks), run from two
-starts — w = e_train_loss, and a rank-1 initialisation (per-step least squares c_t with
-u_t ≈ −G_t c_t, then the top right singular vector of [c_t]) — keeping the better R².
+alternating least squares (each block in closed form; columns scaled to unit RMS; run it in
+float64). The training-loss weight is **fixed at 1**, so weights cannot flip sign between tasks by
+normalisation; the sign of the update relative to the fitted objective is carried by η_t
+(``frac_eta_positive``). w and M are fitted on ``fit_rows_T`` (the first steps in the suite) and η_t
+on every row, so ``r2_heldout`` (the other rows) is out of sample; ``heldout_task_r2`` scores each
+task with the weights fitted on the others. R² = 1 − Σ‖u_t − û_t‖² / Σ‖u_t‖² (uncentred). Two
+starts (w = e_train and the pooled least-squares direction rescaled to w_train = 1) keep the
+better in-sample R²; a third run fits the training loss alone (the baseline every extra term must
+beat out of sample).
 
-Reported: normalised weights w / |w_train_loss| (so w:train_loss = ±1; sign convention η̄ > 0, so
-−1 means the updates *ascend* the training loss) when |w_train_loss| is not negligible (≥ 1e-3 of
-the largest scaled weight), else w divided by the largest-magnitude weight; the raw weights
-w / ‖w‖₂ (same sign convention); each term's share of the fitted gradient,
-|w_k|·RMS_t‖∇φ_k‖ / Σ_j |w_j|·RMS_t‖∇φ_j‖ (weights of terms with tiny gradients can be huge and
-still matter little); R² = 1 − Σ‖u_t − û_t‖² / Σ‖u_t‖² (uncentred: the model has no
-intercept); R² of the training-loss-only model (same η_t and M) as the baseline any extra term
-must beat; and the condition number of the dictionary's Gram matrix G_kl = Σ_t ⟨∇φ_k, ∇φ_l⟩ in
-correlation form (unit diagonal) over the included terms.
+Identifiability acts before the fit: ``alias_mask`` drops terms numerically in the span of earlier
+ones (e.g. ``outer_loss`` when it *is* the training loss, ``l2_init`` when θ₀ = 0), and
+``identifiable_mask`` drops terms whose variance inflation factor in the correlation-form Gram
+matrix exceeds ``vif_max`` ("not identifiable: VIF=…"): they get no weight and no CI.
 
-Terms whose gradients are (numerically) linear combinations of earlier terms over the pooled
-trajectories — e.g. ``outer_loss`` when the family's outer loss *is* its training loss, or
-``l2_init`` when θ₀ = 0 — are not identifiable: ``alias_mask`` drops them (reported as aliased)
-instead of splitting the weight arbitrarily.
-
-Known answers: gradient descent gives w = (1, 0, …) with R² = 1; gradient descent with weight decay
-λ gives w:l2 = λ. With the central-difference velocity (θ_{t+1} − θ_{t−1})/2 instead of u_t,
-gradient descent with step h picks up w:grad_norm_sq ≈ h/2, i.e. the implicit regulariser
-(h/4)‖∇L‖² of Barrett & Dherin (2021, "Implicit Gradient Regularization"), with higher-order bias at
-larger h. Identifiability caveats: Cao, Cohen & Szpruch (2021); Keshavarz, Wang & Boyd (2011).
+Known answers: gradient descent gives every other weight 0 and held-out R² = 1; gradient descent
+with weight decay λ gives w:l2 = λ. With the central-difference velocity (θ_{t+1} − θ_{t−1})/2,
+gradient descent with step h picks up w:grad_norm_sq ≈ h/2, the implicit regulariser (h/4)‖∇L‖² of
+Barrett & Dherin (2021, "Implicit Gradient Regularization"), with higher-order bias at larger h.
+Identifiability caveats: Cao, Cohen & Szpruch (2021); Keshavarz, Wang & Boyd (2011).
 
 Cost: the dictionary gradients at every trajectory point (K gradients + 1 HVP per point); the fit
-itself is O(iters · T · n · K²).
+itself is O(iters · T · n · K) per start plus K×K solves.
 """
 from __future__ import annotations
 
