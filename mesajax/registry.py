@@ -35,6 +35,21 @@ OPTIMIZERS: dict[str, str] = {
     "rmsprop": "mesajax.optimizers.baselines:RMSProp",
     "mlp_lopt": "mesajax.optimizers.mlp_lopt:MLPLOpt",
     "rnn_lopt": "mesajax.optimizers.rnn_lopt:RNNLOpt",
+    "noise_update": "mesajax.optimizers.controls:NoiseUpdate",
+    "random_field": "mesajax.optimizers.controls:RandomField",
+    "precond_sgd": "mesajax.optimizers.controls:PrecondSGD",
+}
+
+# Mesa-objective analyses: name -> "module:function", each ``(SplitContext) -> list[row]``
+# (``mesajax.analysis.context``); run in this order by ``mesajax.analysis.suite``.
+ANALYSES: dict[str, str] = {
+    "nci": "mesajax.analysis.stages:nci_stage",
+    "dense_metric": "mesajax.analysis.stages:dense_metric_stage",
+    "quasi_static": "mesajax.analysis.stages:quasi_static_stage",
+    "objective_fit": "mesajax.analysis.stages:objective_fit_stage",
+    "endpoint_fit": "mesajax.analysis.stages:endpoint_fit_stage",
+    "alignment": "mesajax.analysis.stages:alignment_stage",
+    "probes": "mesajax.analysis.stages:probes_stage",
 }
 
 

@@ -1,4 +1,4 @@
-"""Known answers for NCI, the transverse index and metric-restricted NCI (science.md table)."""
+"""Known answers for NCI, the transverse index and metric-restricted NCI (docs/analyses.md)."""
 import jax
 import jax.numpy as jnp
 import numpy as np

@@ -107,4 +107,30 @@ def endpoint_fit(g_IxKxN, names, train_index: int = 0, g0_train_IxN=None, n_boot
   denom = np.sum(np.asarray(g0_train_IxN, np.float64)[ok] ** 2) if g0_train_IxN is not None \
       else np.sum(g[:, train_index] ** 2)
   return {"w": w, "ci_low": lo, "ci_high": hi, "include": include, "excluded": excluded,
-          "rel_residual": float(np.sum(resid ** 2) / max(denom, 1e-300)), "n": int(n)}
+          "rel_residual": float(np.sum(resid ** 2) / max(denom, 1e-300)),
+          "residual_ratio": residual_ratio(g, w0, train_index), "n": int(n)}
+
+
+def residual_ratio(g_IxKxN, w_K, train_index: int = 0) -> float:
+  """Σ_i ‖Σ_k w_k ∇φ_k(θ*_i)‖² / Σ_i ‖∇L_train(θ*_i)‖²: the fit's residual relative to the
+  training-loss-only residual at the same end points (1: the other terms explain nothing; 0: the
+  fitted objective is exactly stationary there)."""
+  g = np.asarray(g_IxKxN, np.float64)
+  w0 = np.nan_to_num(np.asarray(w_K, np.float64))
+  resid = np.einsum("k,ikn->in", w0, g)
+  return float(np.sum(resid ** 2) / max(np.sum(g[:, train_index] ** 2), 1e-300))
+
+
+def permutation_null(g_IxKxN, include, train_index: int, perms_RxI) -> np.ndarray:
+  """``residual_ratio`` of the refitted weights when each task's training gradient is paired with
+  the other terms' gradients of another task (rows of ``perms_RxI``): the ratio a dictionary
+  reaches by chance, without any link between the terms at the same end point."""
+  g = np.asarray(g_IxKxN, np.float64)
+  out = []
+  for perm in np.asarray(perms_RxI):
+    gp = g[perm].copy()
+    gp[:, train_index] = g[:, train_index]
+    a = np.einsum("ikn,iln->kl", gp, gp)
+    w = solve_weights(a, include, train_index)
+    out.append(residual_ratio(gp, np.where(include, w, 0.0), train_index))
+  return np.asarray(out)

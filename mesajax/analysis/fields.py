@@ -30,7 +30,9 @@ FlatField = Callable[[Array], Array]
 
 
 def with_loss(ctx: StepContext, loss: Array) -> StepContext:
-  return ctx._replace(loss=jnp.asarray(loss, jnp.float32))
+  """``ctx`` with ``loss`` replaced (keeping a float64 loss float64 in the float64 analyses)."""
+  loss = jnp.asarray(loss)
+  return ctx._replace(loss=loss if loss.dtype == jnp.float64 else loss.astype(jnp.float32))
 
 
 def update_field(opt, phi, family, task, opt_state, ctx: StepContext, params_like: PyTree,
@@ -82,12 +84,6 @@ def diag_sensitivity(u_of_g: FlatField, g_flat: Array, z_KxN: Array) -> Array:
   _, lin = jax.linearize(u_of_g, g_flat)
   jz_KxN = jax.vmap(lin)(z_KxN)
   return jnp.mean(z_KxN * jz_KxN, axis=0)
-
-
-def grad_field(fn: Callable, task: PyTree, params_like: PyTree) -> FlatField:
-  """θ_flat ↦ ∇fn(θ, task) flat: the gradient field of a dictionary term (conservative)."""
-  _, unravel = ravel_pytree(params_like)
-  return lambda theta_flat: ravel_pytree(jax.grad(fn)(unravel(theta_flat), task))[0]
 
 
 def cosine(a: Array, b: Array, eps: float = 1e-30) -> Array:

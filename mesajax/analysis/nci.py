@@ -40,6 +40,7 @@ from typing import Callable, NamedTuple
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 Array = jax.Array
 
@@ -136,7 +137,7 @@ def fit_diag_metric(j_NxN: Array, floor: float = 1e-6) -> tuple[Array, Array]:
   return d / jnp.mean(d), nci_min
 
 
-def own_diag_metric(diag_dudg_N: Array, floor: float = 1e-8) -> tuple[Array, Array]:
+def own_diag_metric(diag_dudg_N: Array, floor: float | None = None) -> tuple[Array, Array]:
   """M = diag(−∂u_i/∂g_i)⁻¹ from the optimizer's diagonal sensitivity (signed).
 
   For u = −P g with P diagonal and J = −P H (H symmetric), M J = −H: exactly symmetric, so the
@@ -145,6 +146,8 @@ def own_diag_metric(diag_dudg_N: Array, floor: float = 1e-8) -> tuple[Array, Arr
   Returns ``(m normalised to mean |m| = 1, fraction of negative entries)``; a negative entry means
   the rule moves *up* the gradient in that coordinate, so M is not positive definite.
   """
+  if floor is None:  # float64 keeps the 1e8 range of Adam's ε/(|g|+ε)² at ε = 1e-8
+    floor = 1e-14 if diag_dudg_N.dtype == jnp.float64 else 1e-8
   p = -diag_dudg_N
   scale = jnp.max(jnp.abs(p))
   mag = jnp.maximum(jnp.abs(p), floor * scale + 1e-30)
@@ -152,7 +155,143 @@ def own_diag_metric(diag_dudg_N: Array, floor: float = 1e-8) -> tuple[Array, Arr
   return m / jnp.mean(jnp.abs(m)), jnp.mean(p < 0)
 
 
+def transverse_exact(j_NxN: Array, u_N: Array) -> tuple[Array, Array]:
+  """(NCI, ratio) of P J P, P = I − ûûᵀ, from the dense Jacobian (exact transverse index)."""
+  norm = jnp.linalg.norm(u_N)
+  u_hat = jnp.where(norm > 0, u_N / jnp.where(norm > 0, norm, 1.0), 0.0)
+  p = jnp.eye(j_NxN.shape[0], dtype=j_NxN.dtype) - jnp.outer(u_hat, u_hat)
+  return nci_exact(p @ j_NxN @ p)
+
+
 def metric_cond(m_N: Array) -> Array:
   """Condition number max|m| / min|m| of a diagonal metric."""
   a = jnp.abs(m_N)
   return jnp.max(a) / jnp.min(a)
+
+
+# --- dense SPD metric test (host numpy, float64) ---------------------------------------------------
+
+def _sym_basis(n: int) -> np.ndarray:
+  """Orthonormal (Frobenius) basis of symmetric n×n matrices, [n(n+1)/2, n, n]."""
+  iu = np.triu_indices(n)
+  basis = np.zeros((iu[0].size, n, n))
+  k = np.arange(iu[0].size)
+  off = iu[0] != iu[1]
+  val = np.where(off, 1.0 / np.sqrt(2.0), 1.0)
+  basis[k, iu[0], iu[1]] = val
+  basis[k, iu[1], iu[0]] = val
+  return basis
+
+
+def _from_coords(c, basis):
+  n = basis.shape[1]
+  return (c @ basis.reshape(basis.shape[0], -1)).reshape(n, n)
+
+
+def _to_coords(mat, basis):
+  return basis.reshape(basis.shape[0], -1) @ mat.reshape(-1)
+
+
+def dense_spd_metric(jacs_PxNxN, null_tol: float = 1e-4, deltas=(1e-3, 1e-2, 0.1, 0.3, 0.6, 0.9),
+                     n_iter: int = 100) -> dict:
+  """Is there one constant SPD M with M J_p symmetric at every analysed point p?
+
+  The symmetric M with M J_p − J_pᵀ M = 0 for all p form a linear subspace (the null space of
+  M ↦ (anti(M J_p))_p on symmetric M). In an orthonormal basis of symmetric matrices, with
+  A = Σ_p L_pᵀL_p (L_p: M ↦ antisymmetric part of M J_p) and B = Σ_p K_pᵀK_p (K_p: M ↦ M J_p),
+  NCI_M² = mᵀAm / mᵀBm pooled over the points, a generalised Rayleigh quotient: the eigenvectors of
+  (A, B) with NCI_M < ``null_tol`` span the (numerical) null space. Within it, alternating
+  projections between the subspace and the cone {M ⪰ δ·tr(M)/n · I} look for an SPD element, for
+  increasing δ (a larger δ: a better-conditioned M); the best SPD M found is kept. With an empty
+  null space the smallest-NCI direction is projected to the SPD cone instead (its NCI, then, says
+  how far from symmetrisable the points are).
+
+  Returns ``{"nci": NCI of the best SPD M (pooled over points), "cond": its condition number,
+  "null_dim": dimension of the null space, "spd": whether an SPD element was found in it,
+  "nci_min": the smallest NCI_M over all symmetric M (SPD or not), "metric": M}``; NaNs when every
+  J_p is 0 (no constraint: undefined). Known answer: J_p = −ηPH_p with P SPD is symmetrised by
+  M = P⁻¹ at every point at once (on a quadratic, H P H is symmetric too, so M is not unique and
+  the best condition number can be below cond(P)). Cost: O(P·n⁵) for the operator and an eigen-
+  decomposition of size n(n+1)/2: small n only (``spd_max``).
+  """
+  import scipy.linalg
+  j = np.asarray(jacs_PxNxN, np.float64)
+  j = j[np.all(np.isfinite(j), axis=(1, 2))]
+  nan = {"nci": np.nan, "cond": np.nan, "null_dim": np.nan, "spd": np.nan, "nci_min": np.nan,
+         "metric": None}
+  if j.shape[0] == 0 or not np.any(j):
+    return nan
+  n = j.shape[1]
+  basis = _sym_basis(n)
+  m = basis.shape[0]
+  iu = np.triu_indices(n, 1)
+  a_mat = np.zeros((m, m))
+  b_mat = np.zeros((m, m))
+  for jp in j:
+    mj = np.einsum("kij,jl->kil", basis, jp)            # E_k J
+    anti = 0.5 * (mj - np.transpose(mj, (0, 2, 1)))     # antisymmetric part
+    lvec = anti[:, iu[0], iu[1]] * np.sqrt(2.0)         # Frobenius coordinates
+    kvec = mj.reshape(m, -1)
+    a_mat += lvec @ lvec.T
+    b_mat += kvec @ kvec.T
+  scale = np.trace(b_mat) / m
+  b_reg = b_mat + 1e-12 * scale * np.eye(m)
+  evals, evecs = scipy.linalg.eigh(a_mat / scale, b_reg / scale)
+  nci2 = np.clip(evals, 0.0, 1.0)
+  null = np.flatnonzero(nci2 < null_tol ** 2)
+  null_dim = int(null.size)
+  span = evecs[:, null] if null_dim else evecs[:, :1]
+  q, _ = np.linalg.qr(span)                              # Euclidean-orthonormal span (coords)
+
+  def nci_of(c):
+    return float(np.sqrt(max(c @ a_mat @ c, 0.0) / max(c @ b_mat @ c, 1e-300)))
+
+  def project_span(c):
+    return q @ (q.T @ c)
+
+  best = None
+  c0 = span[:, 0]
+  mat0 = _from_coords(c0, basis)
+  c0 = c0 * (1.0 if np.trace(mat0) >= 0 else -1.0)
+  starts = [c0]
+  if null_dim:  # also start from the identity's projection (M = I when J is already symmetric)
+    c_eye = project_span(_to_coords(np.eye(n), basis))
+    if np.trace(_from_coords(c_eye, basis)) > 0:
+      starts.append(c_eye)
+  for c_start, delta in ((c, d) for c in starts for d in deltas):
+    c = c_start / max(np.linalg.norm(c_start), 1e-300)
+    for _ in range(n_iter):
+      mat = _from_coords(c, basis)
+      w, v = np.linalg.eigh(mat)
+      tr = max(np.sum(w), 1e-300)
+      w_clip = np.maximum(w, delta * tr / n)
+      cone = (v * w_clip) @ v.T
+      c_cone = _to_coords(cone, basis)
+      c_new = project_span(c_cone) if null_dim else c_cone
+      if np.linalg.norm(c_new - c) < 1e-10 * np.linalg.norm(c):
+        c = c_new
+        break
+      c = c_new
+    mat = _from_coords(c, basis)
+    w = np.linalg.eigvalsh(mat)
+    if w[0] <= 0:
+      continue
+    cand = {"nci": nci_of(c), "cond": float(w[-1] / w[0]), "metric": mat}
+    # Keep the best conditioned M that still symmetrises (or, without a null space, the least NCI).
+    if best is None:
+      best = cand
+    elif null_dim and cand["nci"] < max(null_tol, 10 * best["nci"]) and cand["cond"] < best["cond"]:
+      best = cand
+    elif not null_dim and cand["nci"] < best["nci"]:
+      best = cand
+  fallback = best is None
+  if fallback:  # no SPD element found: report the projection of the minimiser to the cone
+    mat = _from_coords(c0, basis)
+    w, v = np.linalg.eigh(mat)
+    w = np.maximum(w, 1e-6 * max(w[-1], 1e-300))
+    mat = (v * w) @ v.T
+    c = _to_coords(mat, basis)
+    best = {"nci": nci_of(c), "cond": float(w[-1] / w[0]), "metric": mat}
+  spd = bool(null_dim and not fallback and best["nci"] < null_tol)
+  return {"nci": best["nci"], "cond": best["cond"], "null_dim": null_dim, "spd": spd,
+          "nci_min": float(np.sqrt(nci2[0])), "metric": best["metric"]}

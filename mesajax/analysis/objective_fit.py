@@ -1,42 +1,37 @@
 """Implicit objective fit: which combination of candidate objectives do the updates descend?
 
-Along a trajectory θ_0, …, θ_T with updates u_t = θ_{t+1} − θ_t, fit
+Along a trajectory θ_0, …, θ_T with updates u_t, fit
 
-  u_t ≈ −η_t · M · Σ_k w_k ∇φ_k(θ_t)        (φ_k from ``dictionary``; η_t > 0 on average)
+  u_t ≈ −η_t · M · (∇L_train + Σ_{k≠train} w_k ∇φ_k)(θ_t)     (φ_k from ``dictionary``)
 
 with a per-step scale η_t, a constant positive diagonal metric M (mean 1) and weights w, by
-alternating least squares (each block in closed form): η_t = −⟨u_t, M g_t⟩ / ‖M g_t‖² with
-g_t = Σ_k w_k ∇φ_k(θ_t); M_i = −Σ_t η_t u_ti g_ti / Σ_t η_t² g_ti² (floored at 1e-3·max, rescaled
-to mean 1); w by ridge-stabilised least squares on the stacked (t, i) rows. Columns are scaled to
-unit RMS for the solve. Fixed iteration count (jittable, vmappable over tasks), run from two
-starts — w = e_train_loss, and a rank-1 initialisation (per-step least squares c_t with
-u_t ≈ −G_t c_t, then the top right singular vector of [c_t]) — keeping the better R².
+alternating least squares (each block in closed form; columns scaled to unit RMS; run it in
+float64). The training-loss weight is **fixed at 1**, so weights cannot flip sign between tasks by
+normalisation; the sign of the update relative to the fitted objective is carried by η_t
+(``frac_eta_positive``). w and M are fitted on ``fit_rows_T`` (the first steps in the suite) and η_t
+on every row, so ``r2_heldout`` (the other rows) is out of sample; ``heldout_task_r2`` scores each
+task with the weights fitted on the others. R² = 1 − Σ‖u_t − û_t‖² / Σ‖u_t‖² (uncentred). Two
+starts (w = e_train and the pooled least-squares direction rescaled to w_train = 1) keep the
+better in-sample R²; a third run fits the training loss alone (the baseline every extra term must
+beat out of sample).
 
-Reported: normalised weights w / |w_train_loss| (so w:train_loss = ±1; sign convention η̄ > 0, so
-−1 means the updates *ascend* the training loss) when |w_train_loss| is not negligible (≥ 1e-3 of
-the largest scaled weight), else w divided by the largest-magnitude weight; the raw weights
-w / ‖w‖₂ (same sign convention); each term's share of the fitted gradient,
-|w_k|·RMS_t‖∇φ_k‖ / Σ_j |w_j|·RMS_t‖∇φ_j‖ (weights of terms with tiny gradients can be huge and
-still matter little); R² = 1 − Σ‖u_t − û_t‖² / Σ‖u_t‖² (uncentred: the model has no
-intercept); R² of the training-loss-only model (same η_t and M) as the baseline any extra term
-must beat; and the condition number of the dictionary's Gram matrix G_kl = Σ_t ⟨∇φ_k, ∇φ_l⟩ in
-correlation form (unit diagonal) over the included terms.
+Identifiability acts before the fit: ``alias_mask`` drops terms numerically in the span of earlier
+ones (e.g. ``outer_loss`` when it *is* the training loss, ``l2_init`` when θ₀ = 0), and
+``identifiable_mask`` drops terms whose variance inflation factor in the correlation-form Gram
+matrix exceeds ``vif_max`` ("not identifiable: VIF=…"): they get no weight and no CI.
 
-Terms whose gradients are (numerically) linear combinations of earlier terms over the pooled
-trajectories — e.g. ``outer_loss`` when the family's outer loss *is* its training loss, or
-``l2_init`` when θ₀ = 0 — are not identifiable: ``alias_mask`` drops them (reported as aliased)
-instead of splitting the weight arbitrarily.
-
-Known answers: gradient descent gives w = (1, 0, …) with R² = 1; gradient descent with weight decay
-λ gives w:l2 = λ. With the central-difference velocity (θ_{t+1} − θ_{t−1})/2 instead of u_t,
-gradient descent with step h picks up w:grad_norm_sq ≈ h/2, i.e. the implicit regulariser
-(h/4)‖∇L‖² of Barrett & Dherin (2021, "Implicit Gradient Regularization"), with higher-order bias at
-larger h. Identifiability caveats: Cao, Cohen & Szpruch (2021); Keshavarz, Wang & Boyd (2011).
+Known answers: gradient descent gives every other weight 0 and held-out R² = 1; gradient descent
+with weight decay λ gives w:l2 = λ. With the central-difference velocity (θ_{t+1} − θ_{t−1})/2,
+gradient descent with step h picks up w:grad_norm_sq ≈ h/2, the implicit regulariser (h/4)‖∇L‖² of
+Barrett & Dherin (2021, "Implicit Gradient Regularization"), with higher-order bias at larger h.
+Identifiability caveats: Cao, Cohen & Szpruch (2021); Keshavarz, Wang & Boyd (2011).
 
 Cost: the dictionary gradients at every trajectory point (K gradients + 1 HVP per point); the fit
-itself is O(iters · T · n · K²).
+itself is O(iters · T · n · K) per start plus K×K solves.
 """
 from __future__ import annotations
+
+import math
 
 import jax
 import jax.numpy as jnp
@@ -60,7 +55,7 @@ def gram(g_TxKxN: Array) -> tuple[Array, Array]:
   g_kk = jnp.einsum("tkn,tln->kl", g_TxKxN, g_TxKxN)
   norms = jnp.sqrt(jnp.maximum(jnp.diagonal(g_kk), 0.0))
   safe = jnp.where(norms > 0, norms, 1.0)
-  return g_kk / (safe[:, None] * safe[None, :]), norms / jnp.sqrt(g_TxKxN.shape[0])
+  return g_kk / (safe[:, None] * safe[None, :]), norms / math.sqrt(g_TxKxN.shape[0])
 
 
 def alias_mask(corr_KxK, norms_K, names, tol: float = 1e-4, vanish: float = 1e-6):
@@ -92,96 +87,199 @@ def alias_mask(corr_KxK, norms_K, names, tol: float = 1e-4, vanish: float = 1e-6
   return include, excluded
 
 
-def _init_weights(u_TxN, gs_TxKxN, inc, ridge):
-  """Rank-1 initialisation: per-step least squares c_t = argmin ‖u_t + G_tᵀc‖² (c_t = η_t w for an
-  exact model), then w = the top right singular vector of C = [c_t] (sign: mean η > 0)."""
+def identifiable_mask(corr_KxK, include_K, names, train_index: int = 0, vif_max: float = 100.0):
+  """Host-side forward selection that *acts* on ill-conditioning: terms are added in dictionary
+  order (``train_loss`` first and always) and a term is kept only if, with it, every included
+  term's variance inflation factor VIF_k = [C_SS⁻¹]_kk (C: the correlation-form Gram matrix of the
+  dictionary gradients) stays ≤ ``vif_max``. Returns ``(include bool[K], {name: reason})`` with
+  reasons ``"not identifiable: VIF=…"`` for the dropped terms (their weights are reported as
+  undefined, not as numbers)."""
+  c = np.asarray(corr_KxK, np.float64)
+  inc0 = np.asarray(include_K, bool)
+  order = [train_index] + [k for k in range(len(names)) if k != train_index]
+  chosen, reasons = [], {}
+  for k in order:
+    if not inc0[k]:
+      continue
+    trial = chosen + [k]
+    try:
+      vif = np.diag(np.linalg.inv(c[np.ix_(trial, trial)]))
+    except np.linalg.LinAlgError:
+      vif = np.array([np.inf])
+    worst = float(np.max(vif)) if np.all(np.isfinite(vif)) and np.all(vif > 0) else np.inf
+    if k == train_index or worst <= vif_max:
+      chosen.append(k)
+    else:
+      reasons[names[k]] = f"not identifiable: VIF={worst:.3g} > {vif_max:g}"
+  inc = np.zeros(len(names), bool)
+  inc[chosen] = True
+  return inc, reasons
+
+
+def vifs(corr_KxK, include_K) -> np.ndarray:
+  """Variance inflation factors of the included terms (NaN for the others), host numpy."""
+  c = np.asarray(corr_KxK, np.float64)
+  inc = np.flatnonzero(np.asarray(include_K, bool))
+  out = np.full(c.shape[0], np.nan)
+  if inc.size:
+    out[inc] = np.diag(np.linalg.pinv(c[np.ix_(inc, inc)]))
+  return out
+
+
+def _init_weights(u_TxN, gs_TxKxN, inc, rows_T, ridge):
+  """Pooled start: c = argmin Σ_t r_t ‖u_t + G_tᵀc‖² (the exact w, up to scale, when η_t is
+  constant), one K×K solve; sign such that the update descends Σ_k c_k φ_k."""
   k = gs_TxKxN.shape[1]
   g = gs_TxKxN * inc[None, :, None]
-  a = jnp.einsum("tkn,tln->tkl", g, g)
-  reg = (ridge + 1e-6) * jnp.trace(a, axis1=1, axis2=2)[:, None, None] / k + 1e-30
-  a = a + reg * jnp.eye(k)[None] + jnp.diag(1.0 - inc)[None]
-  c_TxK = -jnp.linalg.solve(a, jnp.einsum("tkn,tn->tk", g, u_TxN)[..., None])[..., 0]
-  _, _, vt = jnp.linalg.svd(c_TxK, full_matrices=False)
-  w = vt[0] * inc
-  return w * jnp.where(jnp.sum(c_TxK @ w) < 0, -1.0, 1.0)
+  gr = g * rows_T[:, None, None]
+  a = jnp.einsum("tkn,tln->kl", gr, g)
+  b = jnp.einsum("tkn,tn->k", gr, u_TxN)
+  a = a + ((ridge + 1e-9) * jnp.trace(a) / k + 1e-30) * jnp.eye(k) + jnp.diag(1.0 - inc)
+  c = -jnp.linalg.solve(a, b) * inc
+  return c
 
 
-def _als(u_TxN, gs_TxKxN, inc, n_iter, fit_metric, ridge, w):
+def _als(u_TxN, gs_TxKxN, free_K, fixed_K, rows_T, n_iter, fit_metric, ridge, w0=None):
+  """ALS with the weights of ``fixed_K`` (one-hot) held at 1 and ``free_K`` fitted; M and w from
+  the rows with ``rows_T`` = 1, η_t for every row. (Written with the dictionary axis first and
+  plain matrix products: batched einsums over [T, K, n] were ~30x slower on CPU.)"""
   t, k, n = gs_TxKxN.shape
-  m = jnp.ones((n,), u_TxN.dtype)
-  tiny = 1e-30
+  dt = u_TxN.dtype
+  tiny = jnp.finfo(dt).tiny
+  g_kf = jnp.transpose(gs_TxKxN, (1, 0, 2)).reshape(k, t * n)         # [K, T·n]
+  u_f = u_TxN.reshape(t * n)
+  r_f = jnp.repeat(rows_T, n)
+  m = jnp.ones((n,), dt)
+  w = (fixed_K if w0 is None else w0).astype(dt)
 
   def eta_of(w, m):
-    mg = m * jnp.einsum("k,tkn->tn", w, gs_TxKxN)
-    return -jnp.sum(u_TxN * mg, axis=1) / (jnp.sum(mg * mg, axis=1) + tiny), mg
+    g = (w @ g_kf).reshape(t, n)
+    mg = m[None, :] * g
+    return -jnp.sum(u_TxN * mg, axis=1) / (jnp.sum(mg * mg, axis=1) + tiny), mg, g
 
   def body(_, carry):
     w, m = carry
-    eta, _ = eta_of(w, m)
+    eta, _, g = eta_of(w, m)
     if fit_metric:
-      g = jnp.einsum("k,tkn->tn", w, gs_TxKxN)
-      num = -jnp.sum(eta[:, None] * u_TxN * g, axis=0)
-      den = jnp.sum((eta[:, None] * g) ** 2, axis=0) + tiny
-      m = num / den
-      m = jnp.maximum(m, 1e-3 * jnp.max(m))
-      m = m / jnp.mean(m)
-      m = jnp.where(jnp.all(jnp.isfinite(m)) & (jnp.max(m) > 0), m, jnp.ones_like(m))
-      eta, _ = eta_of(w, m)
-    x = -(eta[:, None, None] * m[None, None, :]) * gs_TxKxN  # [T, K, N]
-    xtx = jnp.einsum("tkn,tln->kl", x, x)
-    xtu = jnp.einsum("tkn,tn->k", x, u_TxN)
-    reg = ridge * jnp.trace(xtx) / k + tiny
-    a = xtx * inc[:, None] * inc[None, :] + jnp.diag(reg + (1.0 - inc))
-    w = jnp.linalg.solve(a, xtu * inc)
-    w = w / jnp.maximum(jnp.linalg.norm(w), tiny)
-    return w, m
+      num = -jnp.sum(rows_T[:, None] * eta[:, None] * u_TxN * g, axis=0)
+      den = jnp.sum(rows_T[:, None] * (eta[:, None] * g) ** 2, axis=0) + tiny
+      m_new = num / den
+      m_new = jnp.maximum(m_new, 1e-3 * jnp.max(m_new))
+      m_new = m_new / jnp.mean(m_new)
+      m = jnp.where(jnp.all(jnp.isfinite(m_new)) & (jnp.max(m_new) > 0), m_new, m)
+      eta, _, _ = eta_of(w, m)
+    s_f = (-(eta[:, None] * m[None, :])).reshape(t * n)               # x_k = s ⊙ g_k
+    y = u_f - s_f * (fixed_K @ g_kf)                                   # u + η M g_fixed
+    xtx = (g_kf * (s_f * s_f * r_f)[None, :]) @ g_kf.T
+    xty = g_kf @ (s_f * r_f * y)
+    reg = ridge * jnp.trace(xtx * free_K[:, None]) / jnp.maximum(jnp.sum(free_K), 1.0) + tiny
+    a = xtx * free_K[:, None] * free_K[None, :] + jnp.diag(reg * free_K + (1.0 - free_K))
+    sol = jnp.linalg.solve(a, xty * free_K)
+    w_new = fixed_K + free_K * sol
+    w = jnp.where(jnp.all(jnp.isfinite(w_new)), w_new, w)
+    return w.astype(dt), m.astype(dt)
 
   w, m = jax.lax.fori_loop(0, n_iter, body, (w, m))
-  eta, mg = eta_of(w, m)
-  sign = jnp.where(jnp.mean(eta) < 0, -1.0, 1.0)
+  eta, mg, _ = eta_of(w, m)
   pred = -eta[:, None] * mg
-  r2 = 1.0 - jnp.sum((u_TxN - pred) ** 2) / jnp.maximum(jnp.sum(u_TxN ** 2), tiny)
-  return w * sign, eta * sign, m, r2
+  res = jnp.sum((u_TxN - pred) ** 2, axis=1)
+  uu = jnp.sum(u_TxN ** 2, axis=1)
+
+  def r2(r):
+    return 1.0 - jnp.sum(r * res) / jnp.maximum(jnp.sum(r * uu), tiny)
+
+  return w, eta, m, r2(rows_T), r2(1.0 - rows_T)
 
 
 def fit_objective(u_TxN: Array, g_TxKxN: Array, include_K: Array, train_index: int = 0,
-                  n_iter: int = 100, fit_metric: bool = True, ridge: float = 1e-8) -> dict:
-  """ALS fit of u_t ≈ −η_t M Σ_k w_k ∇φ_k(θ_t) for one task (see module docstring).
+                  n_iter: int = 20, fit_metric: bool = True, ridge: float = 1e-10,
+                  fit_rows_T: Array | None = None) -> dict:
+  """ALS fit of u_t ≈ −η_t M (∇L_train + Σ_{k≠train} w_k ∇φ_k)(θ_t) for one task.
 
-  Args: updates ``[T, n]``, dictionary gradients ``[T, K, n]`` at the same points, the boolean mask
-  of identifiable terms ``[K]``, the index of ``train_loss``. Returns a dict of arrays: ``w`` (raw,
-  unit norm), ``w_norm`` (normalised), ``normalised_by_train``, ``eta`` [T] (the step scale for
-  ``w_norm``: u_t ≈ −η_t M Σ_k w_norm_k ∇φ_k), ``share`` (each term's share |w_k|·RMS‖∇φ_k‖ / Σ of
-  the fitted gradient: readable when terms have very different scales), ``metric`` [n],
-  ``metric_cond``, ``r2``, ``r2_train_only``, ``gram_cond``.
+  The training-loss weight is *fixed* at 1 (the first included term's if ``train_loss`` is not
+  included), so the weights cannot flip sign between tasks by normalisation; the sign of the update
+  relative to the objective is carried by η_t (``frac_eta_positive``: the share of fitted steps
+  with η_t > 0; 0 means the updates ascend the fitted objective). ``fit_rows_T`` (bool, default
+  all) selects the rows that fit w and M; η_t is solved on every row, so the R² on the other rows
+  (``r2_heldout``) is out of sample in w and M. Run in float64 for exact known answers
+  (``with jax.enable_x64(True)`` and float64 inputs).
+
+  Returns a dict of arrays: ``w_norm`` [K] (w_train = 1, excluded terms 0), ``eta`` [T] (the step
+  scale for ``w_norm``), ``share`` [K], ``metric`` [n], ``metric_train_only`` [n], ``metric_cond``,
+  ``r2``, ``r2_train_only`` (fitted rows), ``r2_heldout``, ``r2_train_only_heldout`` (other rows;
+  NaN when there are none), ``frac_eta_positive``, ``gram_cond``.
   """
   include_K = jnp.asarray(include_K, bool)
+  dt = u_TxN.dtype
+  g_TxKxN = g_TxKxN.astype(dt)
+  t, k, _ = g_TxKxN.shape
+  rows = (jnp.ones((t,), dt) if fit_rows_T is None else jnp.asarray(fit_rows_T, dt))
   corr, norms = gram(g_TxKxN)
-  scale = jnp.where(norms > 0, norms, 1.0)
-  gs = g_TxKxN / scale[None, :, None]
-  k = g_TxKxN.shape[1]
-  init_k = jnp.where(include_K[train_index], train_index, jnp.argmax(include_K))
-  inc = include_K.astype(u_TxN.dtype)
-  w_one = jax.nn.one_hot(init_k, k, dtype=u_TxN.dtype)
-  w_svd = _init_weights(u_TxN, gs, inc, ridge)
-  w_svd = jnp.where(jnp.all(jnp.isfinite(w_svd)) & (jnp.linalg.norm(w_svd) > 0), w_svd, w_one)
-  # One vmapped ALS over three runs: (full dictionary, start e_train), (full, rank-1 start),
-  # (training loss only, start e_train); the full fit keeps the better of its two starts.
-  incs = jnp.stack([inc, inc, w_one])
-  starts = jnp.stack([w_one, w_svd, w_one])
-  ws3, eta3, m3, r23 = jax.vmap(
-      lambda i, w0: _als(u_TxN, gs, i, n_iter, fit_metric, ridge, w0))(incs, starts)
-  r2_ok = jnp.nan_to_num(r23, nan=-jnp.inf)
-  best = jnp.where(r2_ok[1] > r2_ok[0], 1, 0)
-  ws, eta, m, r2, r2_train = ws3[best], eta3[best], m3[best], r23[best], r23[2]
-  w = ws / scale
-  w_raw = w / jnp.maximum(jnp.linalg.norm(w), 1e-30)
-  by_train = include_K[train_index] & (jnp.abs(ws[train_index]) >= 1e-3 * jnp.max(jnp.abs(ws)))
-  ref = jnp.where(by_train, jnp.abs(w[train_index]), w[jnp.argmax(jnp.abs(ws))])
+  scale = jnp.where(norms > 0, norms, 1.0).astype(dt)
+  gs = (g_TxKxN / scale[None, :, None]).astype(dt)
+  fix_k = jnp.where(include_K[train_index], train_index, jnp.argmax(include_K))
+  fixed = jax.nn.one_hot(fix_k, k, dtype=dt)
+  free = include_K.astype(dt) * (1.0 - fixed)
+  # Starts: w = e_train, and the rank-1 direction rescaled to w_train = 1 (when its training-loss
+  # component is not negligible); the better in-sample R² is kept. Third run: training loss only.
+  inc_f = include_K.astype(dt)
+  w_svd = _init_weights(u_TxN, gs, inc_f, rows, ridge)
+  c_fix = jnp.sum(w_svd * fixed)
+  usable = (jnp.abs(c_fix) >= 0.1 * jnp.max(jnp.abs(w_svd))) & jnp.all(jnp.isfinite(w_svd))
+  w_svd = jnp.where(usable, w_svd / jnp.where(usable, c_fix, 1.0), fixed)
+  frees = jnp.stack([free, free, jnp.zeros_like(free)])
+  starts = jnp.stack([fixed, w_svd * (free + fixed), fixed])
+  w3, eta3, m3, r2in, r2out = jax.vmap(
+      lambda f, w0: _als(u_TxN, gs, f, fixed, rows, n_iter, fit_metric, ridge, w0))(frees, starts)
+  ok = jnp.nan_to_num(r2in, nan=-jnp.inf)
+  best = jnp.where(ok[1] > ok[0], 1, 0)
+  ws, eta, m = w3[best], eta3[best], m3[best]
+  r2in = jnp.stack([r2in[best], r2in[2]])
+  r2out = jnp.stack([r2out[best], r2out[2]])
+  m2 = jnp.stack([m, m3[2]])
+  w_norm = ws * scale[fix_k] / scale
   inc = include_K.astype(corr.dtype)
   c_inc = corr * inc[:, None] * inc[None, :] + jnp.diag(1.0 - inc)
   ev = jnp.linalg.eigvalsh(c_inc)
-  return {"w": w_raw, "w_norm": w / ref, "normalised_by_train": by_train, "eta": eta * ref,
+  has_out = jnp.sum(1.0 - rows) > 0
+  nan = jnp.asarray(jnp.nan, dt)
+  return {"w_norm": w_norm, "eta": eta / scale[fix_k],
           "share": jnp.abs(ws) / jnp.maximum(jnp.sum(jnp.abs(ws)), 1e-30),
-          "metric": m, "metric_cond": jnp.max(m) / jnp.min(m), "r2": r2, "r2_train_only": r2_train,
+          "metric": m, "metric_train_only": m2[1], "metric_cond": jnp.max(m) / jnp.min(m),
+          "r2": r2in[0], "r2_train_only": r2in[1],
+          "r2_heldout": jnp.where(has_out, r2out[0], nan),
+          "r2_train_only_heldout": jnp.where(has_out, r2out[1], nan),
+          "frac_eta_positive": jnp.sum(rows * (eta > 0)) / jnp.maximum(jnp.sum(rows), 1.0),
           "gram_cond": ev[-1] / jnp.maximum(ev[0], 1e-30)}
+
+
+def heldout_task_r2(u_BxTxN, g_BxTxKxN, w_norm_BxK, metric_BxN, include_K, train_index: int,
+                    metric_train_BxN=None) -> tuple[np.ndarray, np.ndarray]:
+  """R² of each task's updates under the objective fitted on the *other* tasks (host, float64).
+
+  For task i: w̄ = median over j ≠ i of ``w_norm_j`` and M̄ = the mean of their metrics; η_t is
+  solved per step (the direction is what is tested). Returns ``(r2 [B], r2_train_only [B])``, the
+  second with the training loss alone (and the train-only metrics, if given).
+  """
+  u = np.asarray(u_BxTxN, np.float64)
+  g = np.asarray(g_BxTxKxN, np.float64)
+  w = np.where(np.asarray(include_K, bool)[None], np.asarray(w_norm_BxK, np.float64), 0.0)
+  mt = np.asarray(metric_BxN, np.float64)
+  mt0 = mt if metric_train_BxN is None else np.asarray(metric_train_BxN, np.float64)
+  b = u.shape[0]
+
+  def r2_dir(ui, gdir, m):
+    mg = m[None, :] * gdir
+    num = np.sum(ui * mg, axis=1) ** 2 / np.maximum(np.sum(mg * mg, axis=1), 1e-300)
+    return 1.0 - (np.sum(ui ** 2) - np.sum(num)) / max(np.sum(ui ** 2), 1e-300)
+
+  r2, r2_0 = np.full(b, np.nan), np.full(b, np.nan)
+  for i in range(b):
+    others = [j for j in range(b) if j != i and np.all(np.isfinite(w[j]))
+              and np.all(np.isfinite(mt[j]))]
+    if not others or not np.all(np.isfinite(u[i])):
+      continue
+    wbar = np.median(w[others], axis=0)
+    r2[i] = r2_dir(u[i], np.einsum("k,tkn->tn", wbar, g[i]), np.mean(mt[others], axis=0))
+    r2_0[i] = r2_dir(u[i], g[i][:, train_index], np.mean(mt0[others], axis=0))
+  return r2, r2_0

@@ -96,7 +96,12 @@ class StateMap:
     return ravel_pytree(self._step(s_flat, args)[0])[0]
 
 
-REG = 1e-6  # Tikhonov shift of I − ∂F/∂s: conserved components (eigenvalue 1) get no update
+REG = 1e-6  # Tikhonov shift of I − ∂F/∂s (float32): conserved components (eigenvalue 1) get no update
+REG64 = 1e-13  # the same in float64: Adam's ū cancels to relative ε/|g|, so δ must be far below it
+
+
+def _reg(dtype) -> float:
+  return REG64 if jnp.dtype(dtype) == jnp.float64 else REG
 
 
 LAPACK_MIN = 129  # state sizes from which inverses use LAPACK (callers must then not batch them)
@@ -136,7 +141,7 @@ def _inverse(a_DxD: Array) -> Array:
 
 def _shifted_inverse(jac_DxD: Array) -> Array:
   eye = jnp.eye(jac_DxD.shape[0], dtype=jac_DxD.dtype)
-  return _inverse(eye - jac_DxD + REG * eye)
+  return _inverse(eye - jac_DxD + _reg(jac_DxD.dtype) * eye)
 
 
 def _refined_solve(jac_DxD: Array, inv_DxD: Array, b_D: Array) -> Array:
@@ -147,7 +152,11 @@ def _refined_solve(jac_DxD: Array, inv_DxD: Array, b_D: Array) -> Array:
   return x + inv_DxD @ (b_D - (x - jac_DxD @ x))
 
 
-def _newton_solve(F: Callable, s0: Array, args, n_newton: int, n_plain: int) -> Array:
+def newton_solve(F: Callable, s0: Array, args, n_newton: int = 3, n_plain: int = 10) -> Array:
+  """The fixed point s* = F(s*, args) by ``n_newton`` safeguarded Newton steps (each falls back to a
+  plain step s ← F(s) when it does not reduce the residual), then ``n_plain`` plain steps. Not
+  differentiable through the solve (use ``implicit_fixed_point`` for derivatives). Run it in float64
+  (``with jax.enable_x64(True)`` and float64 inputs) when ū involves cancellations (Adam)."""
   def newton(_, s):
     fs = F(s, args)
     r = fs - s
@@ -158,6 +167,7 @@ def _newton_solve(F: Callable, s0: Array, args, n_newton: int, n_plain: int) -> 
 
   s = jax.lax.fori_loop(0, n_newton, newton, s0)
   return jax.lax.fori_loop(0, n_plain, lambda _, s: F(s, args), s)
+
 
 
 def implicit_fixed_point(F: Callable, s0: Array, args, n_newton: int = 3, n_plain: int = 10,
@@ -175,7 +185,7 @@ def implicit_fixed_point(F: Callable, s0: Array, args, n_newton: int = 3, n_plai
   """
   frozen = jax.lax.stop_gradient(args)
   if solution is None:
-    s_bar = _newton_solve(F, jax.lax.stop_gradient(s0), frozen, n_newton, n_plain)
+    s_bar = newton_solve(F, jax.lax.stop_gradient(s0), frozen, n_newton, n_plain)
     jac = jax.jacfwd(lambda x: F(x, frozen))(jax.lax.stop_gradient(s_bar))
   else:
     s_bar, jac = solution
@@ -192,7 +202,7 @@ def solve_point(sm: StateMap, state: PyTree, g_flat: Array, params: PyTree, phi,
   """
   s0, others = sm.split(state)
   args = (g_flat, params, phi, ctx, others)
-  s = _newton_solve(sm.F, s0, args, n_newton, n_plain)
+  s = newton_solve(sm.F, s0, args, n_newton, n_plain)
   res = jnp.linalg.norm(sm.F(s, args) - s) / jnp.maximum(jnp.linalg.norm(s), 1e-30)
   jac = jax.jacfwd(lambda x: sm.F(x, args))(s)
   return {"s_star": s, "jac": jac, "u_bar": sm.u(s, args), "residual": res}
@@ -210,6 +220,25 @@ def effective_state_fn(sm: StateMap, state: PyTree, phi, n_newton: int = 3, n_pl
     return sm.build(implicit_fixed_point(sm.F, s0, args, n_newton, n_plain, solution), others)
 
   return state_fn
+
+
+def effective_update(sm: StateMap, state: PyTree, g_flat: Array, params: PyTree, phi, ctx,
+                     n_newton: int = 3, n_plain: int = 10) -> Array:
+  """ū = u(s*(g), g, θ): the update at the fixed point of the state map for gradient ``g_flat``."""
+  s0, others = sm.split(state)
+  args = (g_flat, params, phi, ctx, others)
+  return sm.u(newton_solve(sm.F, s0, args, n_newton, n_plain), args)
+
+
+UNIT_TOL = 1e-6  # |λ| within this of 1: a conserved component (e.g. a stored θ₀ or initial loss)
+
+
+def classify_magnitudes(mags, tol: float = UNIT_TOL) -> dict:
+  """Host numpy: of eigenvalue magnitudes ``mags``, which are conserved (|λ| = 1 within ``tol``:
+  a stored quantity the map copies forward, F(s) = s in that direction; neither memory nor
+  instability) and which are unstable (|λ| > 1 + tol)."""
+  m = np.asarray(mags, np.float64)
+  return {"conserved": np.abs(m - 1.0) <= tol, "unstable": m > 1.0 + tol}
 
 
 def distinct_magnitudes(eigs, k: int, tol: float = 0.05) -> np.ndarray:

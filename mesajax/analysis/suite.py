@@ -1,445 +1,227 @@
-"""The analysis driver: every mesa-objective analysis on every split, as tidy rows.
+"""The analysis driver: every mesa-objective analysis on every split, with its nulls, as tidy rows.
 
-``run_analyses(opt, phi, opt_name, splits, acfg, seed)`` runs, for each split (a task family and a
-horizon), on ``acfg.num_tasks`` tasks drawn from the ``analysis`` key stream of that split
-(``mesajax.splits.purpose_key(seed, "analysis", split.name)``), with deterministic full batches:
+``run_analyses(opt, phi, opt_name, splits, acfg, seed, null_phi=None, references=None)`` runs, for
+each split (a task family and a horizon), on ``acfg.num_tasks`` tasks drawn from the split's
+``analysis`` key stream (``mesajax.splits.purpose_key(seed, "analysis", split.name)``), the stages
+of ``mesajax.registry.ANALYSES`` in order over one shared ``SplitContext``
+(``mesajax.analysis.context``): NCI / transverse / diagonal-metric NCI (exact from the dense
+Jacobian in float64 up to ``dense_max`` parameters), the dense SPD metric test, the quasi-static
+reduction (float64), the objective fit (float64; out of sample, sign-stable, identifiability
+acting), the endpoint fit (stationarity-gated), alignment and hidden-state probes.
 
-1. trajectories of ``acfg.num_steps`` steps (horizon = the split's) and the dictionary values and
-   gradients at every point (``dictionary``);
-2. at ``acfg.num_points`` evenly spaced points per trajectory: ``nci``, ``transverse``,
-   ``nci_metric`` (``nci``) and ``quasi_static`` (its eigenvalues, effective step, and the same NCI
-   metrics of the effective field ū, prefixed ``qs:``);
-3. ``objective_fit`` along the trajectories (and of ū, prefixed ``qs:``);
-4. ``endpoint_fit`` at the end of runs of ``acfg.endpoint_steps`` (default: the split's horizon);
-5. ``alignment`` along the trajectories, using each task's fitted objective;
-6. ``probes`` when ``opt.hidden_state`` is not None.
+Nulls in the same run (rows carry ``null``, ``p_value``, ``clears_null``; ``docs/analyses.md``):
 
-Each stage is one ``jax.jit`` per (optimizer, split), vmapped over tasks (and points and probes).
-Per-task values are aggregated as the mean over tasks with a 95% percentile-bootstrap CI over tasks
-(``mesajax.eval.stats.bootstrap_ci``; non-finite tasks are dropped and ``n`` counts the rest).
-Optional ``acfg`` fields (defaults): ``endpoint_steps`` (split horizon), ``dense_max`` (2048: the
-largest n for the dense Jacobian of the fitted diagonal metric), ``qs_max_state`` (1024: the
-largest float-state size for the quasi-static reduction), ``qs_fit_steps`` (25: trajectory steps
-per task at which ū is solved for the ``qs:`` objective fit), ``qs_fit_max_state`` (256: the
-largest float-state size for that fit), ``num_sens_probes`` (8),
-``fit_iters`` (100), ``num_eigs`` (4), ``probe_max_rows`` (50000).
+* permutation nulls inside the fits and alignment (``num_perms`` task derangements, vmapped);
+* ``null_phi``: the untrained learned optimizer (initial φ), analysed on the same tasks under
+  ``<opt_name>@init`` (``role="null:init"``), with paired-difference rows (analysis ``paired``,
+  ``baseline=<opt_name>@init``);
+* ``acfg.controls`` (registry names, default ``noise_update`` and ``random_field``): no-objective
+  control rules analysed on ``acfg.control_splits`` (``role="control"``), with paired rows;
+* ``references``: ``{name: (opt, phi)}``, e.g. a tuned baseline, analysed on the same tasks
+  (``role="reference"``), with paired rows;
+* ``split_diff`` rows: each shift split minus ``heldout`` (different tasks: unpaired bootstrap).
+
+Rows whose value is None always carry ``undefined=<reason>``. Knobs: ``DEFAULTS`` (all of them;
+``acfg`` may omit any, and then the default applies).
 """
 from __future__ import annotations
 
-import functools
-import time
-import warnings
+import importlib
 
-import jax
-import jax.numpy as jnp
 import numpy as np
-from jax.flatten_util import ravel_pytree
 
-from mesajax.tasks.views import FullBatch
-from mesajax.analysis import alignment as align_mod
-from mesajax.analysis import dictionary, endpoint_fit, fields, nci, objective_fit, probes
-from mesajax.analysis import quasi_static as qs
-from mesajax.eval.stats import bootstrap_ci
-from mesajax.optimizers.base import make_context
+from mesajax.analysis.context import Rows, SplitContext, knob
+from mesajax.eval.stats import finite_bootstrap_ci, sign_flip_pvalue, stream_seed
 from mesajax.report.rows import make_row
-from mesajax.rollout import init_inner, inner_step, run_trajectory
-from mesajax.splits import purpose_key
 
-ANALYSES = ("nci", "transverse", "nci_metric", "quasi_static", "objective_fit", "endpoint_fit",
-            "alignment", "probes")
-_DEFAULTS = {"endpoint_steps": None, "dense_max": 2048, "qs_max_state": 1024,
-             "num_sens_probes": 8, "fit_iters": 100, "num_eigs": 4, "probe_max_rows": 50000,
-             "qs_fit_steps": 25, "qs_fit_max_state": 256}
+# Every analysis knob with its default (bounds for validation in docs/analyses.md, "Configuration").
+DEFAULTS = {
+    "num_tasks": 32,            # tasks per split (>= 2)
+    "num_steps": 100,           # trajectory length (>= 4)
+    "num_points": 4,            # points per trajectory for the Jacobian analyses (1..num_steps)
+    "num_probes": 64,           # probe pairs per point when n > dense_max (>= 2)
+    "n_boot": 1000,             # bootstrap resamples (>= 1)
+    "endpoint_steps": None,     # length of the end-point runs (None: the split's horizon; >= 1)
+    "dense_max": 2048,          # largest n for the exact dense-Jacobian NCIs (>= 1)
+    "spd_max": 32,              # largest n for the dense SPD metric test (>= 1; cost O(n^5))
+    "spd_on_qs": False,         # also run the dense SPD test on ū (doubles its host cost)
+    "spd_null_tol": 1e-4,       # NCI_M below which M counts as symmetrising (0 < x < 1)
+    "nci_floor": 1e-6,          # float64 numerical floor of an exactly symmetric J (0 < x < 1)
+    "qs_max_state": 1024,       # largest float-state size for the quasi-static reduction (>= 0)
+    "qs_fit_steps": 25,         # steps per task at which ū is solved for the qs: fit (>= 4)
+    "qs_fit_max_state": 256,    # largest float-state size for the qs: fit (>= 0)
+    "num_sens_probes": 8,       # Rademacher probes of diag(∂u/∂g) when n > dense_max (>= 1)
+    "fit_iters": 20,            # ALS iterations of the objective fit (>= 1)
+    "heldout_frac": 0.25,       # share of the last steps held out of the objective fit (0 < x < 1)
+    "vif_max": 100.0,           # largest variance inflation factor of an identifiable term (> 1)
+    "num_perms": 20,            # permutation-null draws (>= 0; 0 disables)
+    "alpha": 0.05,              # level of every null test (0 < x < 1)
+    "stationary_tol": 1e-3,     # endpoint gate: ‖u_end‖ / max_t‖u_t‖ at most this (> 0)
+    "tie_rtol": 1e-6,           # relative tolerance of loss ties in frac_outer_descent (>= 0)
+    "unit_eig_tol": 1e-6,       # |λ| within this of 1: a conserved state component (>= 0)
+    "num_eigs": 4,              # distinct eigenvalue magnitudes reported (>= 1)
+    "probe_max_rows": 50000,    # row subsample of the hidden-state probes (>= 100)
+    "controls": ("noise_update", "random_field"),  # no-objective controls (registry names)
+    "control_splits": ("heldout",),                # splits the controls run on
+}
 
+# Row ``analysis`` values this module emits.
+ROW_ANALYSES = ("nci", "transverse", "nci_metric", "quasi_static", "objective_fit",
+                "endpoint_fit", "alignment", "probes", "paired", "split_diff")
 
-def _get(acfg, name):
-  return acfg.get(name, _DEFAULTS.get(name)) if hasattr(acfg, "get") else getattr(acfg, name)
-
-
-def validate(acfg) -> None:
-  """One-line ``ValueError`` for out-of-range analysis settings (before anything compiles)."""
-  def need(cond, msg):
-    if not cond:
-      raise ValueError(f"analysis: {msg}")
-  for f in ("num_tasks", "num_steps", "num_points", "num_probes", "n_boot"):
-    need(_get(acfg, f) is not None, f"config.analysis.{f} is required")
-  need(int(acfg.num_tasks) >= 2, f"num_tasks must be >= 2, got {acfg.num_tasks}")
-  need(int(acfg.num_steps) >= 4, f"num_steps must be >= 4, got {acfg.num_steps}")
-  need(1 <= int(acfg.num_points) <= int(acfg.num_steps),
-       f"num_points must be in [1, num_steps], got {acfg.num_points}")
-  need(int(acfg.num_probes) >= 2, f"num_probes must be >= 2, got {acfg.num_probes}")
-  need(int(acfg.n_boot) >= 1, f"n_boot must be >= 1, got {acfg.n_boot}")
-  es = _get(acfg, "endpoint_steps")
-  need(es is None or int(es) >= 1, f"endpoint_steps must be >= 1, got {es}")
-
-
-# --- device stages (one jit each per optimizer and split) ----------------------------------------
-
-@functools.lru_cache(maxsize=64)
-def _trajectory_fn(opt, family, num_steps, want_curvature):
-  fb = FullBatch(family)
-
-  def one(phi, horizon, task, key):
-    states, _ = run_trajectory(opt, phi, fb, task, key, num_steps, horizon)
-    p0 = jax.tree.map(lambda x: x[0], states.params)
-    dict_at = lambda p: dictionary.values_and_grads(family, task, p, p0)
-    vals, grads = jax.vmap(dict_at)(states.params)
-    thetas = jax.vmap(lambda p: ravel_pytree(p)[0])(states.params)
-    # The updates themselves (θ_{t+1} − θ_t in float32 loses precision once steps are small).
-    _, unravel = ravel_pytree(p0)
-    at = lambda tree, i: jax.tree.map(lambda x: x[i], tree)
-
-    def update(i):
-      params, g = at(states.params, i), unravel(grads[i, 0])
-      ctx = make_context(i, horizon, vals[i, 0])
-      return ravel_pytree(opt.update(phi, at(states.opt_state, i), g, params, ctx)[0])[0]
-
-    u = jax.vmap(update)(jnp.arange(num_steps))
-    out = {"thetas": thetas, "vals": vals, "grads": grads, "opt_states": states.opt_state,
-           "updates": u}
-    if want_curvature:
-      gfun = lambda th: ravel_pytree(jax.grad(family.train_loss_full)(unravel(th), task))[0]
-      hu = jax.vmap(lambda th, d: jax.jvp(gfun, (th,), (d,))[1])(thetas[:-1], u)
-      out["curvature"] = jnp.sum(u * hu, 1) / jnp.maximum(jnp.sum(u * u, 1), 1e-30)
-    return out
-
-  return jax.jit(jax.vmap(one, in_axes=(None, None, 0, 0)))
+# (analysis, metric) pairs compared in paired-difference and split-difference rows.
+PAIRED_METRICS = (
+    ("nci", "nci"), ("transverse", "transverse"), ("nci_metric", "nci:fitted_diag"),
+    ("nci_metric", "nci:own_diag"), ("nci_metric", "nci:dense_spd"),
+    ("quasi_static", "effective_step"),
+    ("objective_fit", "r2_heldout_steps"), ("objective_fit", "r2_gain_heldout_steps"),
+    ("objective_fit", "r2_heldout_tasks"), ("objective_fit", "frac_eta_positive"),
+    ("alignment", "cos_u_neg_outer_grad"), ("alignment", "cos_u_neg_train_grad"),
+    ("alignment", "descent_ratio"), ("alignment", "frac_outer_descent"),
+    ("endpoint_fit", "update_norm_end_rel"),
+)
 
 
-def _field_metrics(field, u_of_g, theta, v, w, z, dense):
-  """NCI, transverse and metric NCIs of one field at one point (2K + 1 JVPs of the field for K
-  probe pairs (v, w), plus one JVP of the update in g per Rademacher row of z, plus n JVPs for the
-  dense Jacobian if ``dense``)."""
-  u, g, p = nci.probe_products(field, theta, v, w)
+def stage_functions(names=None) -> dict:
+  """``{name: stage}`` from ``mesajax.registry.ANALYSES`` (all, or ``names``), in table order."""
+  from mesajax.registry import ANALYSES
   out = {}
-  out["nci"], out["ratio"] = nci.nci_from_probes(p)
-  out["transverse"], out["transverse_ratio"] = nci.transverse_from_probes(p)
-  out["cos_u_neg_grad"] = fields.cosine(u, -g)
-  d = fields.diag_sensitivity(u_of_g, g, z)
-  m_own, out["own_diag_neg_frac"] = nci.own_diag_metric(d)
-  out["nci:own_diag"] = nci.nci_from_probes(p, m_own)[0]
-  out["metric_cond:own_diag"] = nci.metric_cond(m_own)
-  if dense:
-    jac = jax.jacfwd(lambda t: field(t)[0])(theta)
-    m_fit, _ = nci.fit_diag_metric(jac)
-    out["nci:fitted_diag"] = nci.nci_from_probes(p, m_fit)[0]
-    out["metric_cond:fitted_diag"] = nci.metric_cond(m_fit)
-    out["fitted_diag_clip_frac"] = jnp.mean(m_fit <= 1.0001e-6 * jnp.max(m_fit))
-  return out, u, g
-
-
-@functools.lru_cache(maxsize=64)
-def _points_fn(opt, family, dense, sm):
-  def point(phi, horizon, task, params, state, step, v, w, z):
-    loss = family.train_loss_full(params, task)
-    ctx = make_context(step, horizon, loss)
-    theta = ravel_pytree(params)[0]
-    field = fields.update_field(opt, phi, family, task, state, ctx, params)
-    u_of_g = fields.update_of_grad(opt, phi, state, params, ctx)
-    out, _, g = _field_metrics(field, u_of_g, theta, v, w, z, dense)
-    if sm is not None:
-      sol = qs.solve_point(sm, state, g, params, phi, ctx)
-      ub = sol["u_bar"]
-      out["effective_step"] = -jnp.vdot(ub, g) / jnp.maximum(jnp.vdot(g, g), 1e-30)
-      out["cos_ubar_neg_grad"] = fields.cosine(ub, -g)
-      out["fp_residual"] = sol["residual"]
-      out["state_jac"] = sol["jac"]
-      state_fn = qs.effective_state_fn(sm, state, phi, solution=(sol["s_star"], sol["jac"]))
-      qfield = fields.update_field(opt, phi, family, task, state, ctx, params, state_fn=state_fn)
-      qu_of_g = fields.update_of_grad(opt, phi, state, params, ctx, state_fn=state_fn)
-      qout, _, _ = _field_metrics(qfield, qu_of_g, theta, v, w, z, dense)
-      out.update({f"qs:{k}": v for k, v in qout.items()})
-    return out
-
-  if sm is None or qs.batchable(sm.dim):
-    over_points = jax.vmap(point, in_axes=(None, None, None, 0, 0, 0, 0, 0, 0))
-    return jax.jit(jax.vmap(over_points, in_axes=(None, None, 0, 0, 0, None, 0, 0, 0)))
-
-  def sequential(phi, horizon, tasks, params, states, steps, v, w, z):
-    b, p = v.shape[:2]
-    flat = lambda x: x.reshape((b * p,) + x.shape[2:])
-    xs = (jax.tree.map(lambda x: jnp.repeat(x, p, axis=0), tasks), jax.tree.map(flat, params),
-          jax.tree.map(flat, states), jnp.tile(steps, b), flat(v), flat(w), flat(z))
-    out = jax.lax.map(lambda a: point(phi, horizon, *a), xs)
-    return jax.tree.map(lambda x: x.reshape((b, p) + x.shape[1:]), out)
-
-  return jax.jit(sequential)  # large states: unbatched LAPACK inverses (quasi_static._inverse)
-
-
-@functools.lru_cache(maxsize=64)
-def _qs_trajectory_fn(opt, family, sm):
-  """ū at every trajectory point (for the ``qs:`` objective fit): a fixed-point solve per step."""
-
-  def one_step(phi, horizon, task, params, state, step, g):
-    ctx = make_context(step, horizon, family.train_loss_full(params, task))
-    s0, others = sm.split(state)
-    args = (g, params, phi, ctx, others)
-    s = qs._newton_solve(sm.F, s0, args, 3, 10)
-    return sm.u(s, args)
-
-  if qs.batchable(sm.dim):
-    over_t = jax.vmap(one_step, in_axes=(None, None, None, 0, 0, 0, 0))
-    return jax.jit(jax.vmap(over_t, in_axes=(None, None, 0, 0, 0, None, 0)))
-
-  def sequential(phi, horizon, tasks, params, states, steps, g):
-    b, t = g.shape[:2]
-    flat = lambda x: x.reshape((b * t,) + x.shape[2:])
-    xs = (jax.tree.map(lambda x: jnp.repeat(x, t, axis=0), tasks), jax.tree.map(flat, params),
-          jax.tree.map(flat, states), jnp.tile(steps, b), flat(g))
-    out = jax.lax.map(lambda a: one_step(phi, horizon, *a), xs)
-    return out.reshape((b, t) + out.shape[1:])
-
-  return jax.jit(sequential)
-
-
-@functools.lru_cache(maxsize=16)
-def _fit_fn(n_iter, train_index):
-  fit = lambda u, g, inc: objective_fit.fit_objective(u, g, inc, train_index, n_iter)
-  return jax.jit(jax.vmap(fit, in_axes=(0, 0, None)))
-
-
-@functools.lru_cache(maxsize=64)
-def _endpoint_fn(opt, family):
-  """Runs ``steps`` (traced, so one compilation serves every run length) full-batch steps and
-  returns the dictionary gradients and the update norm at the end point."""
-  fb = FullBatch(family)
-
-  def one(phi, horizon, steps, task, key):
-    k_init, k_run = jax.random.split(key)
-    state = init_inner(opt, phi, fb, task, k_init)
-    body = lambda _, s: inner_step(opt, phi, fb, task, s, k_run, horizon)[0]
-    fin = jax.lax.fori_loop(0, steps, body, state)
-    p0 = family.init(k_init, task)
-    _, grads = dictionary.values_and_grads(family, task, fin.params, p0)
-    g_tree = jax.grad(family.train_loss_full)(fin.params, task)
-    ctx = make_context(steps, horizon, family.train_loss_full(fin.params, task))
-    u_end = ravel_pytree(opt.update(phi, fin.opt_state, g_tree, fin.params, ctx)[0])[0]
-    return grads, jnp.linalg.norm(u_end)
-
-  return jax.jit(jax.vmap(one, in_axes=(None, None, None, 0, 0)))
-
-
-# --- host-side aggregation ------------------------------------------------------------------------
-
-class _Rows:
-  def __init__(self, split, opt_name, n_boot, seed):
-    self.split, self.opt, self.n_boot, self.seed, self.rows = split, opt_name, n_boot, seed, []
-
-  def add(self, analysis, metric, per_task, stat=np.mean, **extra):
-    x = np.asarray(per_task, np.float64).reshape(-1)
-    x = x[np.isfinite(x)]
-    if x.size == 0:
-      self.rows.append(make_row(analysis, self.split, self.opt, metric, None, n=0, **extra))
-      return
-    v, lo, hi = bootstrap_ci(x, n_boot=self.n_boot, seed=self.seed, stat=stat)
-    self.rows.append(make_row(analysis, self.split, self.opt, metric, v, lo, hi, n=x.size, **extra))
-
-  def fixed(self, analysis, metric, value, ci_low=None, ci_high=None, n=None, **extra):
-    self.rows.append(make_row(analysis, self.split, self.opt, metric, value, ci_low, ci_high, n,
-                              **extra))
-
-
-def _point_indices(num_steps, num_points):
-  return np.floor((np.arange(num_points) + 0.5) * num_steps / num_points).astype(np.int32)
-
-
-def _take(tree, idx, axis=1):
-  return jax.tree.map(lambda x: jnp.take(x, idx, axis=axis), tree)
-
-
-def analyse_split(opt, phi, opt_name, split, acfg, seed: int, timings: dict | None = None):
-  """All analyses on one split; returns its rows."""
-  fam = split.family
-  b, t_len, p_num = int(acfg.num_tasks), int(acfg.num_steps), int(acfg.num_points)
-  horizon = int(split.horizon)
-  names = dictionary.term_names(fam)
-  train_ix = names.index("train_loss")
-  outer_ix = names.index("outer_loss")
-  out = _Rows(split.name, opt_name, int(acfg.n_boot), seed)
-  tick = time.perf_counter()
-
-  def lap(stage):
-    nonlocal tick
-    if timings is not None:
-      now = time.perf_counter()
-      timings[f"{split.name}/{stage}"] = now - tick
-      tick = now
-
-  k_tasks, k_init, k_pts = jax.random.split(purpose_key(seed, "analysis", split.name), 3)
-  tasks = fam.sample_batch(k_tasks, b)
-  keys = jax.random.split(k_init, b)
-  params_like = fam.init(keys[0], jax.tree.map(lambda x: x[0], tasks))
-  state_like = opt.init(phi, params_like)
-  n_params = int(ravel_pytree(params_like)[0].shape[0])
-  hidden_like = opt.hidden_state(state_like)
-  sm = qs.StateMap(opt, state_like, params_like)
-  use_qs = 0 < sm.dim <= int(_get(acfg, "qs_max_state"))
-
-  # 1. trajectories and the dictionary along them
-  hz = jnp.asarray(horizon, jnp.int32)
-  traj = _trajectory_fn(opt, fam, t_len, hidden_like is not None)(phi, hz, tasks, keys)
-  traj = jax.block_until_ready(traj)
-  lap("trajectories")
-  u_np = np.asarray(traj["updates"], np.float64)
-
-  # 2. Jacobian analyses at points
-  idx = _point_indices(t_len, p_num)
-  params_pts = jax.vmap(fields_unravel(params_like))(traj["thetas"][:, idx].reshape(b * p_num, -1))
-  params_pts = jax.tree.map(lambda x: x.reshape((b, p_num) + x.shape[1:]), params_pts)
-  states_pts = _take(traj["opt_states"], jnp.asarray(idx))
-  # Probes drawn on the host (threefry sampling inside jit is slow to compile on CPU), seeded
-  # from the split's analysis key; the effective field ū uses the same probes (paired comparison).
-  rng = np.random.default_rng(np.asarray(k_pts, np.uint32))
-  k_pr, k_sens = int(acfg.num_probes), int(_get(acfg, "num_sens_probes"))
-  v = rng.standard_normal((b, p_num, k_pr, n_params), np.float32)
-  w = rng.standard_normal((b, p_num, k_pr, n_params), np.float32)
-  z = rng.choice(np.array([-1.0, 1.0], np.float32), (b, p_num, k_sens, n_params))
-  dense = n_params <= int(_get(acfg, "dense_max"))
-  pts = _points_fn(opt, fam, dense, sm if use_qs else None)(
-      phi, hz, tasks, params_pts, states_pts, jnp.asarray(idx), v, w, z)
-  pts = jax.tree.map(np.asarray, jax.block_until_ready(pts))
-  lap("points")
-  def per_task(key):
-    with warnings.catch_warnings():
-      warnings.simplefilter("ignore", RuntimeWarning)  # all-NaN tasks are dropped later
-      return np.nanmean(pts[key], axis=1)
-
-  for prefix in ("", "qs:") if use_qs else ("",):
-    if prefix + "nci" not in pts:
+  for name, target in ANALYSES.items():
+    if names is not None and name not in names:
       continue
-    for m in ("nci", "ratio", "cos_u_neg_grad"):
-      out.add("nci", prefix + m, per_task(prefix + m))
-    for m in ("transverse", "transverse_ratio"):
-      out.add("transverse", prefix + m, per_task(prefix + m))
-    out.add("nci_metric", prefix + "nci:identity", per_task(prefix + "nci"))
-    for m in ("nci:fitted_diag", "metric_cond:fitted_diag", "fitted_diag_clip_frac", "nci:own_diag",
-              "metric_cond:own_diag", "own_diag_neg_frac", "cos_u_neg_grad"):
-      if prefix + m in pts:
-        stat = np.median if m.startswith("metric_cond") else np.mean
-        out.add("nci_metric", prefix + m, per_task(prefix + m), stat=stat)
+    module, fn = target.split(":")
+    out[name] = getattr(importlib.import_module(module), fn)
+  return out
 
-  # quasi-static reduction
-  out.fixed("quasi_static", "state_dim", sm.dim)
-  if use_qs:
-    k_eig = int(_get(acfg, "num_eigs"))
-    # Eigenvalues (host LAPACK) at one point per task, the middle one: O(B · d_s³).
-    jac = pts["state_jac"][:, p_num // 2]
-    mags = np.stack([qs.distinct_magnitudes(np.linalg.eigvals(j), k_eig)
-                     if np.all(np.isfinite(j)) else np.full(k_eig, np.nan) for j in jac])
-    for i in range(k_eig):
-      out.add("quasi_static", f"eig_{i + 1}", mags[:, i])
-      with np.errstate(divide="ignore", invalid="ignore"):  # |λ| ≥ 1: no finite timescale
-        out.add("quasi_static", f"timescale_{i + 1}",
-                np.where(mags[:, i] < 1.0, 1.0 / (1.0 - mags[:, i]), np.nan))
-    out.add("quasi_static", "frac_unstable", (mags[:, 0] >= 1.0).astype(float))
-    for m in ("effective_step", "cos_ubar_neg_grad", "fp_residual"):
-      out.add("quasi_static", m, per_task(m))
-  lap("quasi_static_host")
 
-  # 3. objective fit along the trajectories
-  g_traj = traj["grads"][:, :-1]
-  corr, norms = jax.vmap(objective_fit.gram)(g_traj)
-  corr, norms = np.asarray(corr), np.asarray(norms)
-  good = np.all(np.isfinite(corr), axis=(1, 2)) & np.all(np.isfinite(norms), axis=1)
-  if not np.any(good):
-    good[:] = True
-  include, excluded = objective_fit.alias_mask(corr[good].mean(0), norms[good].mean(0), names)
-  fit_fn = _fit_fn(int(_get(acfg, "fit_iters")), train_ix)
-  fits = {"": jax.tree.map(np.asarray, fit_fn(jnp.asarray(u_np, jnp.float32), g_traj, include))}
-  if use_qs and sm.dim <= int(_get(acfg, "qs_fit_max_state")):
-    # ū at a subsample of at most ``qs_fit_steps`` evenly spaced steps (a fixed-point solve each).
-    sub = np.unique(np.linspace(0, t_len - 1, min(t_len, int(_get(acfg, "qs_fit_steps")))
-                                ).round().astype(np.int32))
-    ubar = _qs_trajectory_fn(opt, fam, sm)(
-        phi, hz, tasks, _take(_params_tree(traj, params_like), jnp.asarray(sub)),
-        _take(traj["opt_states"], jnp.asarray(sub)), jnp.asarray(sub),
-        traj["grads"][:, sub, train_ix])
-    fits["qs:"] = jax.tree.map(np.asarray, fit_fn(ubar, g_traj[:, sub], include))
-  lap("objective_fit")
-  for prefix, fit in fits.items():
-    for k, name in enumerate(names):
-      if not include[k]:
-        out.fixed("objective_fit", f"{prefix}w:{name}", None, excluded=excluded[name])
+def analyse_split(opt, phi, opt_name, split, acfg, seed: int, timings: dict | None = None,
+                  stages=None, row_keys: dict | None = None) -> Rows:
+  """Every stage on one split; returns its ``Rows`` (``.rows`` and the per-task vectors).
+  ``row_keys`` (e.g. ``role``, ``seed``) are added to every row."""
+  ctx = SplitContext(opt, phi, opt_name, split, acfg, seed, DEFAULTS, timings, row_keys)
+  for stage in stage_functions(stages).values():
+    stage(ctx)
+  return ctx.rows
+
+
+def paired_rows(a: Rows, b: Rows, baseline: str, n_boot: int, seed: int, alpha: float,
+                metrics=PAIRED_METRICS) -> list[dict]:
+  """Rows of a − b per task (same tasks), mean with a bootstrap CI and a sign-flip p-value."""
+  out = []
+  for key in metrics:
+    if key not in a.per_task or key not in b.per_task:
+      continue
+    xa, xb = a.per_task[key], b.per_task[key]
+    metric = f"{key[0]}/{key[1]}"
+    if xa.shape != xb.shape:
+      out.append(make_row("paired", a.split, a.opt, metric, None, n=0, baseline=baseline,
+                          undefined="different task sets"))
+      continue
+    d = xa - xb
+    s = stream_seed(seed, a.opt, baseline, a.split, "paired", metric)
+    res = finite_bootstrap_ci(d, n_boot=n_boot, seed=s)
+    if res is None:
+      why = ("undefined for " + (a.opt if not np.any(np.isfinite(xa)) else baseline) +
+             " in every task")
+      out.append(make_row("paired", a.split, a.opt, metric, None, n=0, baseline=baseline,
+                          undefined=why))
+      continue
+    v, lo, hi, n = res
+    p = sign_flip_pvalue(d, seed=s)
+    out.append(make_row("paired", a.split, a.opt, metric, v, lo, hi, n, baseline=baseline,
+                        null="paired sign flip over tasks", p_value=p,
+                        clears_null=bool(p < alpha and (lo > 0 or hi < 0))))
+  return out
+
+
+def split_diff_rows(by_split: dict, ref_split: str, n_boot: int, seed: int, alpha: float,
+                    metrics=PAIRED_METRICS) -> list[dict]:
+  """Rows of mean(shift) − mean(``ref_split``) (different tasks: independent resampling), with a
+  label-permutation p-value."""
+  out = []
+  if ref_split not in by_split:
+    return out
+  ref = by_split[ref_split]
+  for name, rows in by_split.items():
+    if name == ref_split:
+      continue
+    for key in metrics:
+      if key not in rows.per_task or key not in ref.per_task:
         continue
-      out.add("objective_fit", f"{prefix}w:{name}", fit["w_norm"][:, k])
-      out.add("objective_fit", f"{prefix}share:{name}", fit["share"][:, k])
-      if not prefix:
-        out.add("objective_fit", f"w_raw:{name}", fit["w"][:, k])
-        out.fixed("objective_fit", f"w_std:{name}", float(np.nanstd(fit["w_norm"][:, k])), n=b)
-    out.add("objective_fit", prefix + "r2", fit["r2"])
-    out.add("objective_fit", prefix + "r2_train_only", fit["r2_train_only"])
-    if not prefix:
-      out.add("objective_fit", "gram_cond", fit["gram_cond"], stat=np.median)
-      out.add("objective_fit", "metric_cond", fit["metric_cond"], stat=np.median)
-      out.add("objective_fit", "normalised_by_train", fit["normalised_by_train"])
-
-  # 4. endpoint inverse optimisation
-  steps_end = _get(acfg, "endpoint_steps")
-  steps_end = horizon if steps_end is None else int(steps_end)
-  g_end, u_end = _endpoint_fn(opt, fam)(phi, hz, jnp.asarray(steps_end, jnp.int32), tasks, keys)
-  g_end, u_end = np.asarray(g_end), np.asarray(u_end)
-  lap("endpoint")
-  g0_train = np.asarray(traj["grads"][:, 0, train_ix])
-  ep = endpoint_fit.endpoint_fit(g_end, names, train_ix, g0_train, n_boot=int(acfg.n_boot),
-                                 seed=seed, prior_include=include)
-  for k, name in enumerate(names):
-    if ep["include"][k]:
-      out.fixed("endpoint_fit", f"w:{name}", ep["w"][k], ep["ci_low"][k], ep["ci_high"][k], ep["n"])
-    else:
-      out.fixed("endpoint_fit", f"w:{name}", None, n=ep["n"], excluded=ep["excluded"][name])
-  out.fixed("endpoint_fit", "rel_residual", ep["rel_residual"], n=ep["n"])
-  out.fixed("endpoint_fit", "endpoint_steps", steps_end)
-  gn_end = np.linalg.norm(g_end[:, train_ix], axis=1)
-  out.add("endpoint_fit", "grad_norm_end", gn_end)
-  out.add("endpoint_fit", "grad_norm_end_rel", gn_end / np.linalg.norm(g0_train, axis=1))
-  out.add("endpoint_fit", "update_norm_end_rel", u_end / np.linalg.norm(u_np[:, 0], axis=1))
-
-  # 5. alignment (with each task's fitted implicit objective)
-  vals = np.asarray(traj["vals"], np.float64)
-  grads_np = np.asarray(traj["grads"][:, :-1][:, :, [train_ix, outer_ix]], np.float64)
-  w_fit = np.where(include[None, :], np.nan_to_num(fits[""]["w_norm"]), 0.0)
-  al = [align_mod.alignment(u_np[i], grads_np[i, :, 0], grads_np[i, :, 1], vals[i, :, outer_ix],
-                            vals[i] @ w_fit[i]) for i in range(b)]
-  for m in ("cos_u_neg_outer_grad", "cos_u_neg_outer_grad_late", "cos_u_neg_train_grad",
-            "descent_ratio", "descent_ratio_late", "frac_outer_descent", "divergence_step"):
-    out.add("alignment", m, [a[m] for a in al], stat=np.median if "ratio" in m else np.mean)
-  out.add("alignment", "frac_diverged", [a["diverged"] for a in al])
-  lap("alignment")
-
-  # 6. probes of the hidden state
-  if hidden_like is not None:
-    hid = jax.vmap(jax.vmap(opt.hidden_state))(_take(traj["opt_states"], jnp.arange(1, t_len + 1)))
-    tg = probes.targets(np.asarray(traj["grads"][:, :-1, train_ix]), vals[:, :-1, train_ix],
-                        np.asarray(traj["curvature"]), horizon)
-    res = probes.probe_all(np.asarray(hid), tg, seed=seed, n_boot=int(acfg.n_boot),
-                           max_rows=int(_get(acfg, "probe_max_rows")))
-    for tname, r in res.items():
-      out.fixed("probes", f"r2:{tname}", r["r2"], r["r2_lo"], r["r2_hi"], r["n"])
-      out.fixed("probes", f"selectivity:{tname}", r["selectivity"], r["sel_lo"], r["sel_hi"],
-                r["n"])
-      out.fixed("probes", f"r2_control:{tname}", r["r2_control"], n=r["n"])
-    lap("probes")
-  return out.rows
+      xa = rows.per_task[key][np.isfinite(rows.per_task[key])]
+      xb = ref.per_task[key][np.isfinite(ref.per_task[key])]
+      metric = f"{key[0]}/{key[1]}"
+      if xa.size < 2 or xb.size < 2:
+        out.append(make_row("split_diff", name, rows.opt, metric, None, n=0,
+                            baseline_split=ref_split,
+                            undefined=f"fewer than 2 finite tasks ({xa.size}, {xb.size})"))
+        continue
+      s = stream_seed(seed, rows.opt, name, ref_split, "split_diff", metric)
+      rng = np.random.default_rng(s)
+      ia = rng.integers(0, xa.size, (n_boot, xa.size))
+      ib = rng.integers(0, xb.size, (n_boot, xb.size))
+      boots = xa[ia].mean(1) - xb[ib].mean(1)
+      v = xa.mean() - xb.mean()
+      lo, hi = np.quantile(boots, [0.025, 0.975])
+      pooled = np.concatenate([xa, xb])
+      null = []
+      for _ in range(1000):
+        perm = rng.permutation(pooled)
+        null.append(perm[:xa.size].mean() - perm[xa.size:].mean())
+      p = float((1 + np.sum(np.abs(null) >= abs(v) * (1 - 1e-12))) / 1001)
+      out.append(make_row("split_diff", name, rows.opt, metric, v, lo, hi, xa.size + xb.size,
+                          baseline_split=ref_split, null="label permutation", p_value=p,
+                          clears_null=bool(p < alpha and (lo > 0 or hi < 0))))
+  return out
 
 
-def fields_unravel(params_like):
-  return ravel_pytree(params_like)[1]
-
-
-def _params_tree(traj, params_like):
-  unravel = fields_unravel(params_like)
-  th = traj["thetas"]
-  flat = jax.vmap(unravel)(th.reshape((-1, th.shape[-1])))
-  return jax.tree.map(lambda x: x.reshape(th.shape[:2] + x.shape[1:]), flat)
+def _controls(acfg):
+  from mesajax.registry import make_optimizer
+  names = knob(acfg, "controls", DEFAULTS) or ()
+  out = {}
+  for name in names:
+    opt = make_optimizer(name)
+    out[name] = (opt, opt.init_phi(None))
+  return out
 
 
 def run_analyses(opt, phi, opt_name: str, splits: dict, acfg, seed: int,
-                 timings: dict | None = None) -> list[dict]:
-  """Every analysis on every split; returns tidy rows (``mesajax.report.rows`` keys, plus
-  ``excluded`` on rows of terms left out of a fit). ``timings``, if given, receives the wall time
-  of each stage (``"<split>/<stage>"``)."""
-  validate(acfg)
-  rows = []
+                 timings: dict | None = None, null_phi=None, references: dict | None = None,
+                 stages=None) -> list[dict]:
+  """Every analysis on every split, with its nulls; returns tidy rows (module docstring).
+
+  ``null_phi``: the optimizer's meta-parameters at initialisation (the pipeline passes the φ the
+  meta-training started from, e.g. ``opt.init_phi(key)`` with the meta-training key), analysed as
+  ``<opt_name>@init`` on the same tasks. ``references``: ``{name: (opt, phi)}`` analysed on the
+  same tasks for paired rows. ``stages``: restrict to these names of
+  ``mesajax.registry.ANALYSES`` (default all). ``timings`` receives the wall time of each stage.
+  """
+  n_boot, alpha = int(knob(acfg, "n_boot", DEFAULTS)), float(knob(acfg, "alpha", DEFAULTS))
+  rows: list[dict] = []
+  main: dict = {}
   for split in splits.values():
-    rows.extend(analyse_split(opt, phi, opt_name, split, acfg, seed, timings))
+    res = analyse_split(opt, phi, opt_name, split, acfg, seed, timings, stages,
+                        row_keys={"role": "analysed", "seed": int(seed)})
+    main[split.name] = res
+    rows.extend(res.rows)
+  others = []
+  if null_phi is not None:
+    others.append((f"{opt_name}@init", opt, null_phi, "null:init", None))
+  for name, (r_opt, r_phi) in (references or {}).items():
+    others.append((name, r_opt, r_phi, "reference", None))
+  ctrl_splits = tuple(knob(acfg, "control_splits", DEFAULTS) or ())
+  if not any(s in splits for s in ctrl_splits) and splits:
+    ctrl_splits = (next(iter(splits)),)
+  for name, (c_opt, c_phi) in _controls(acfg).items():
+    others.append((name, c_opt, c_phi, "control", ctrl_splits))
+  for name, o_opt, o_phi, role, only in others:
+    for split in splits.values():
+      if only is not None and split.name not in only:
+        continue
+      res = analyse_split(o_opt, o_phi, name, split, acfg, seed, timings, stages,
+                          row_keys={"role": role, "seed": int(seed)})
+      rows.extend(res.rows)
+      rows.extend(paired_rows(main[split.name], res, name, n_boot, seed, alpha))
+  ref_split = "heldout" if "heldout" in main else next(iter(main), None)
+  rows.extend(split_diff_rows(main, ref_split, n_boot, seed, alpha))
   return rows

@@ -126,3 +126,89 @@ def overfit(initial, final, factor: float = EXPLODE_FACTOR) -> np.ndarray:
   final = np.asarray(final, dtype=np.float64)
   with np.errstate(invalid="ignore"):
     return ~diverged(initial, final, factor) & (final > initial)
+
+
+# --- streams, paired differences, nulls and the hierarchical bootstrap (analyses, seed populations)
+
+def stream_seed(*names) -> int:
+  """An independent bootstrap seed per (metric, split, optimizer, ...): a CRC32 of the names.
+
+  Using one seed for every metric makes all intervals share their resamples (their errors are then
+  perfectly dependent); hashing the names gives each metric its own stream, deterministically.
+  """
+  import zlib
+  return zlib.crc32("\x1f".join(str(n) for n in names).encode()) & 0x7FFFFFFF
+
+
+def sign_flip_pvalue(diffs, n_perm: int = 2000, seed: int = 0) -> float:
+  """Two-sided p-value of mean(diffs) = 0 by random sign flips of the paired differences
+  (exact under the null that each difference is symmetric about 0). NaNs are dropped; the
+  p-value counts the observed statistic itself ((1 + #{|null| ≥ |obs|}) / (1 + n_perm))."""
+  d = np.asarray(diffs, np.float64).reshape(-1)
+  d = d[np.isfinite(d)]
+  if d.size == 0:
+    return float("nan")
+  obs = abs(d.mean())
+  rng = np.random.default_rng(seed)
+  signs = rng.choice(np.array([-1.0, 1.0]), size=(n_perm, d.size))
+  null = np.abs(signs @ d / d.size)
+  return float((1 + np.sum(null >= obs * (1 - 1e-12))) / (1 + n_perm))
+
+
+def null_pvalue(observed: float, null_samples, two_sided: bool = True,
+                centre: float = 0.0) -> float:
+  """p-value of ``observed`` against draws of the same statistic under a null (e.g. a permutation
+  null): ``(1 + #{null at least as extreme}) / (1 + #draws)``; two-sided about ``centre``."""
+  s = np.asarray(null_samples, np.float64).reshape(-1)
+  s = s[np.isfinite(s)]
+  if s.size == 0 or not np.isfinite(observed):
+    return float("nan")
+  if two_sided:
+    hits = np.sum(np.abs(s - centre) >= abs(observed - centre) * (1 - 1e-12))
+  else:
+    hits = np.sum(s >= observed)
+  return float((1 + hits) / (1 + s.size))
+
+
+def hierarchical_bootstrap_ci(values, groups, n_boot: int = 1000, seed: int = 0,
+                              stat: Callable = np.mean, alpha: float = 0.05):
+  """Two-level percentile bootstrap: resample groups (e.g. meta-training seeds) with replacement,
+  then units (tasks) with replacement within each drawn group; ``stat`` of the pooled resample.
+
+  ``values`` [N] and ``groups`` [N] (any hashable labels). Non-finite values count as +inf (as in
+  ``bootstrap_ci``). With one group this is the ordinary bootstrap over units. Returns
+  ``(stat(values), lo, hi)``.
+  """
+  x = as_loss_array(values)
+  g = np.asarray(groups).reshape(-1)
+  if x.shape[0] != g.shape[0]:
+    raise ValueError(f"values ({x.shape[0]}) and groups ({g.shape[0]}) differ in length")
+  if x.size == 0:
+    raise ValueError("hierarchical_bootstrap_ci needs at least one value")
+  labels = list(dict.fromkeys(g.tolist()))
+  members = [np.flatnonzero(g == lab) for lab in labels]
+  with np.errstate(invalid="ignore", over="ignore"):
+    value = float(stat(x))
+    if x.size == 1:
+      return value, value, value
+    rng = np.random.default_rng(seed)
+    stats_b = np.empty(n_boot)
+    for b in range(n_boot):
+      picked = rng.integers(0, len(members), len(members))
+      idx = np.concatenate([m[rng.integers(0, m.size, m.size)] for m in (members[i]
+                                                                            for i in picked)])
+      stats_b[b] = stat(x[idx])
+  lo, hi = _quantiles(stats_b, [alpha / 2, 1 - alpha / 2])
+  return value, float(lo), float(hi)
+
+
+def finite_bootstrap_ci(values, n_boot: int = 1000, seed: int = 0, stat: Callable = np.mean,
+                        alpha: float = 0.05):
+  """``bootstrap_ci`` of the finite entries only, for analysis metrics (not losses): returns
+  ``(value, lo, hi, n)``, or ``None`` when no entry is finite (the caller states why)."""
+  x = np.asarray(values, np.float64).reshape(-1)
+  x = x[np.isfinite(x)]
+  if x.size == 0:
+    return None
+  v, lo, hi = bootstrap_ci(x, n_boot=n_boot, seed=seed, stat=stat, alpha=alpha)
+  return v, lo, hi, int(x.size)

@@ -1,0 +1,478 @@
+"""The analysis stages: each ``(SplitContext) -> list[row]``, registered in
+``mesajax.registry.ANALYSES`` and run in that order by ``mesajax.analysis.suite``.
+
+Every row is a mean over tasks with a bootstrap CI and its ``n``, or carries ``undefined=<reason>``.
+Rows that test a claim carry ``null`` (which null), ``p_value`` and ``clears_null``; the report
+states a finding only from rows whose ``clears_null`` is true. Definitions: ``docs/analyses.md``.
+"""
+from __future__ import annotations
+
+import functools
+import math
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from mesajax.analysis import alignment as align_mod
+from mesajax.analysis import endpoint_fit, nci, objective_fit, probes
+from mesajax.analysis import quasi_static as qs
+from mesajax.analysis.context import SplitContext, take
+from mesajax.eval.stats import null_pvalue, sign_flip_pvalue
+
+
+def _new_rows(ctx: SplitContext, start: int) -> list[dict]:
+  return ctx.rows.rows[start:]
+
+
+def _j_reason(jz_BxP) -> str:
+  jz = np.asarray(jz_BxP)
+  if jz.size and np.all(jz > 0.5):
+    return "J = 0 at every point (the update does not depend on θ)"
+  return f"J = 0 or non-finite at every point of the task ({int(np.sum(jz > 0.5))} of " \
+         f"{jz.size} points have J = 0)"
+
+
+def _mark(row: dict, null: str, p: float, clears: bool) -> None:
+  row["null"] = null
+  row["p_value"] = None if not np.isfinite(p) else float(p)
+  row["clears_null"] = bool(clears)
+
+
+def _mark_floor(row: dict, floor: float, what: str) -> None:
+  """NCI-type rows: a claim "J is not symmetric" clears the numerical floor only if the CI's lower
+  end is above it (round-off of an exactly symmetric J is far below ``floor``)."""
+  if row.get("value") is None:
+    return
+  lo = row.get("ci_low")
+  row["null"] = f"{what}: numerical floor {floor:g}"
+  row["clears_null"] = bool(lo is not None and lo > floor)
+
+
+def _floor(ctx) -> tuple[float, str]:
+  if ctx.points["_dense"]:
+    return float(ctx.knob("nci_floor")), "exact dense J, float64"
+  return 3.0 / math.sqrt(int(ctx.knob("num_probes"))), "probe estimator (3/√K Monte-Carlo error)"
+
+
+# --- 1. NCI, transverse index, diagonal metrics ---------------------------------------------------
+
+def nci_stage(ctx: SplitContext) -> list[dict]:
+  start = len(ctx.rows.rows)
+  r, pts = ctx.rows, ctx.points
+  floor, floor_what = _floor(ctx)
+  est = "exact (dense Jacobian, float64)" if pts["_dense"] else \
+      f"probes (K={int(ctx.knob('num_probes'))}, float64)"
+  for prefix in (("", "qs:") if ctx.use_qs else ("",)):
+    jz = pts[prefix + "j_zero"]
+    reason = _j_reason(jz)
+    pt = ctx.per_task_mean
+    for analysis, metric in (("nci", "nci"), ("nci", "ratio"), ("transverse", "transverse"),
+                             ("transverse", "transverse_ratio"), ("nci_metric", "nci:identity"),
+                             ("nci_metric", "nci:own_diag"), ("nci_metric", "nci:fitted_diag")):
+      key = prefix + ("nci" if metric == "nci:identity" else metric)
+      if key not in pts:
+        r.fixed(analysis, prefix + metric, None, n=0,
+                undefined=f"needs the dense Jacobian: n = {ctx.n_params} > dense_max")
+        continue
+      r.add(analysis, prefix + metric, pt(key), undefined=reason, estimator=est)
+      if "ratio" not in metric:
+        _mark_floor(r.rows[-1], floor, floor_what)
+    r.add("nci", prefix + "cos_u_neg_grad", pt(prefix + "cos_u_neg_grad"))
+    r.add("nci", prefix + "frac_points_j_zero", np.mean(jz, axis=1))
+    for m in ("metric_cond:fitted_diag", "fitted_diag_clip_frac", "metric_cond:own_diag",
+              "own_diag_neg_frac"):
+      if prefix + m in pts:
+        stat = np.median if m.startswith("metric_cond") else np.mean
+        r.add("nci_metric", prefix + m, pt(prefix + m), stat=stat, undefined=reason)
+  ctx.lap("nci_rows")
+  return _new_rows(ctx, start)
+
+
+# --- 2. dense SPD metric test ---------------------------------------------------------------------
+
+def dense_metric_stage(ctx: SplitContext) -> list[dict]:
+  start = len(ctx.rows.rows)
+  r, pts = ctx.rows, ctx.points
+  spd_max = int(ctx.knob("spd_max"))
+  prefixes = ("", "qs:") if (ctx.use_qs and bool(ctx.knob("spd_on_qs"))) else ("",)
+  if ctx.n_params > spd_max:
+    for prefix in prefixes:
+      r.fixed("nci_metric", prefix + "nci:dense_spd", None, n=0,
+              undefined=f"dense SPD test skipped: n = {ctx.n_params} > spd_max = {spd_max}")
+    return _new_rows(ctx, start)
+  tol = float(ctx.knob("spd_null_tol"))
+  for prefix in prefixes:
+    jac = pts[prefix + "jac"]
+    res = [nci.dense_spd_metric(jac[i], null_tol=tol) for i in range(ctx.b)]
+    reason = _j_reason(pts[prefix + "j_zero"])
+    val = np.array([x["nci"] for x in res], np.float64)
+    r.add("nci_metric", prefix + "nci:dense_spd", val, undefined=reason,
+          estimator="best constant SPD M over the task's points (float64)")
+    row = r.rows[-1]
+    if row["value"] is not None:
+      # Claim tested: "no constant SPD metric makes MJ symmetric at these points".
+      row["null"] = f"symmetrisable by a constant SPD M (NCI_M < {tol:g})"
+      row["clears_null"] = bool(row["ci_low"] is not None and row["ci_low"] > tol)
+    found = np.array([x["spd"] for x in res], np.float64)
+    cond = np.array([x["cond"] if x["spd"] is True else np.nan for x in res], np.float64)
+    r.add("nci_metric", prefix + "frac_tasks_spd_metric", found, undefined=reason)
+    r.add("nci_metric", prefix + "metric_cond:dense_spd", cond, stat=np.median,
+          undefined="no constant SPD metric symmetrises J in any task")
+    r.add("nci_metric", prefix + "dense_spd_null_dim",
+          np.array([x["null_dim"] for x in res], np.float64), undefined=reason)
+  ctx.lap("dense_metric")
+  return _new_rows(ctx, start)
+
+
+# --- 3. quasi-static reduction --------------------------------------------------------------------
+
+def quasi_static_stage(ctx: SplitContext) -> list[dict]:
+  start = len(ctx.rows.rows)
+  r = ctx.rows
+  r.fixed("quasi_static", "state_dim", ctx.sm.dim, n=1)
+  if not ctx.use_qs:
+    why = ("stateless optimizer (state_dim = 0)" if ctx.sm.dim == 0 else
+           f"state_dim = {ctx.sm.dim} > qs_max_state = {int(ctx.knob('qs_max_state'))}")
+    r.fixed("quasi_static", "eig_1", None, n=0, undefined=why)
+    return _new_rows(ctx, start)
+  pts = ctx.points
+  k_eig = int(ctx.knob("num_eigs"))
+  unit_tol = float(ctx.knob("unit_eig_tol"))
+  jac = pts["state_jac"][:, ctx.p_num // 2]  # middle point of each task, float64
+  mags = np.full((ctx.b, k_eig), np.nan)
+  conserved = np.full(ctx.b, np.nan)
+  unstable = np.full(ctx.b, np.nan)
+  for i, j in enumerate(jac):
+    if not np.all(np.isfinite(j)):
+      continue
+    ev = np.abs(np.linalg.eigvals(j))
+    cls = qs.classify_magnitudes(ev, unit_tol)
+    conserved[i] = np.mean(cls["conserved"])
+    unstable[i] = float(np.any(cls["unstable"]))
+    mags[i] = qs.distinct_magnitudes(ev[~cls["conserved"]], k_eig)
+  for i in range(k_eig):
+    r.add("quasi_static", f"eig_{i + 1}", mags[:, i],
+          undefined=f"fewer than {i + 1} distinct non-conserved eigenvalue magnitudes")
+    with np.errstate(divide="ignore", invalid="ignore"):
+      r.add("quasi_static", f"timescale_{i + 1}",
+            np.where(mags[:, i] < 1.0, 1.0 / (1.0 - mags[:, i]), np.nan),
+            undefined=f"no eigenvalue {i + 1} with |λ| < 1")
+  r.add("quasi_static", "frac_conserved_dims", conserved,
+        note=f"|λ| = 1 within {unit_tol:g}: stored quantities (e.g. θ₀), not memory or instability")
+  r.add("quasi_static", "frac_unstable", unstable, note=f"|λ| > 1 + {unit_tol:g}")
+  for m in ("effective_step", "cos_ubar_neg_grad", "fp_residual"):
+    r.add("quasi_static", m, ctx.per_task_mean(m))
+  ctx.lap("quasi_static_rows")
+  return _new_rows(ctx, start)
+
+
+# --- 4. objective fit -----------------------------------------------------------------------------
+
+@functools.lru_cache(maxsize=16)
+def _fit_fn(n_iter, train_index):
+  fit = lambda u, g, inc, rows: objective_fit.fit_objective(u, g, inc, train_index, n_iter,
+                                                            fit_rows_T=rows)
+  return jax.jit(jax.vmap(fit, in_axes=(0, 0, None, None)))
+
+
+def _fit_with_null(vfit, u, g, include, rows_t, perms, max_bytes=256 * 2 ** 20):
+  """The real fit and the permutation null (task i's updates with task perms[r, i]'s gradients)
+  through one compiled program: stacked on the task axis in one call when that fits in
+  ``max_bytes``, else one call per permutation (same shapes as the real fit, no recompilation)."""
+  b, r = u.shape[0], perms.shape[0]
+  keep = ("w_norm", "r2_heldout", "r2_train_only_heldout")
+  inc, rows = jnp.asarray(include), jnp.asarray(rows_t)
+  if r and (r + 1) * g.nbytes <= max_bytes:
+    u_all = np.concatenate([u] * (r + 1))
+    g_all = np.concatenate([g] + [g[p] for p in perms])
+    out = jax.tree.map(np.asarray, vfit(jnp.asarray(u_all), jnp.asarray(g_all), inc, rows))
+    real = jax.tree.map(lambda x: x[:b], out)
+    null = {k: out[k][b:].reshape((r, b) + out[k].shape[1:]) for k in keep}
+    return real, null
+  real = jax.tree.map(np.asarray, vfit(jnp.asarray(u), jnp.asarray(g), inc, rows))
+  if not r:
+    return real, None
+  draws = [jax.tree.map(np.asarray, vfit(jnp.asarray(u), jnp.asarray(g[p]), inc, rows))
+           for p in perms]
+  return real, {k: np.stack([d[k] for d in draws]) for k in keep}
+
+
+def _tstat(x_AxB):
+  """Per-row t-statistic mean/(sd/√n) over the finite entries of the last axis."""
+  x = np.asarray(x_AxB, np.float64)
+  out = []
+  for row in np.atleast_2d(x):
+    f = row[np.isfinite(row)]
+    if f.size < 2:
+      out.append(np.nan)
+      continue
+    sd = f.std(ddof=1)
+    out.append(f.mean() / (sd / math.sqrt(f.size)) if sd > 0 else
+               (0.0 if f.mean() == 0 else math.copysign(np.inf, f.mean())))
+  return np.asarray(out)
+
+
+def fit_results(ctx: SplitContext) -> dict:
+  """The objective fit of this context (computed once; shared with ``alignment``)."""
+  if "fit" in ctx.cache:
+    return ctx.cache["fit"]
+  traj, names = ctx.traj, ctx.names
+  g = np.asarray(traj["grads"][:, :-1], np.float64)                      # [B, T, K, n]
+  u = ctx.updates
+  corr, norms = jax.vmap(objective_fit.gram)(jnp.asarray(g, jnp.float32))
+  corr, norms = np.asarray(corr, np.float64), np.asarray(norms, np.float64)
+  good = np.all(np.isfinite(corr), axis=(1, 2)) & np.all(np.isfinite(norms), axis=1)
+  if not np.any(good):
+    good[:] = True
+  c_mean = np.nan_to_num(corr[good].mean(0))
+  include, excluded = objective_fit.alias_mask(c_mean, norms[good].mean(0), names)
+  include, not_ident = objective_fit.identifiable_mask(c_mean, include, names, ctx.train_ix,
+                                                      float(ctx.knob("vif_max")))
+  excluded.update(not_ident)
+  n_fit = int(math.ceil(ctx.t_len * (1.0 - float(ctx.knob("heldout_frac")))))
+  rows_t = (np.arange(ctx.t_len) < n_fit).astype(np.float64)
+  iters = int(ctx.knob("fit_iters"))
+  vfit = _fit_fn(iters, ctx.train_ix)
+  with jax.enable_x64(True):
+    real, null = _fit_with_null(vfit, u, g, include, rows_t, ctx.perms)
+  ht_r2, ht_r2_0 = objective_fit.heldout_task_r2(u, g, real["w_norm"], real["metric"], include,
+                                                 ctx.train_ix, real["metric_train_only"])
+  out = {"fit": real, "null": null, "include": include, "excluded": excluded, "rows": rows_t,
+         "ht_r2": ht_r2, "ht_r2_0": ht_r2_0, "corr": c_mean, "n_fit": n_fit}
+  if ctx.use_qs and ctx.sm.dim <= int(ctx.knob("qs_fit_max_state")):
+    sub = np.unique(np.linspace(0, ctx.t_len - 1, min(ctx.t_len, int(ctx.knob("qs_fit_steps")))
+                                ).round().astype(np.int32))
+    ubar = ctx.qs_updates(sub)
+    with jax.enable_x64(True):
+      qfit = vfit(jnp.asarray(ubar), jnp.asarray(g[:, sub]), jnp.asarray(include),
+                  jnp.asarray((sub < n_fit).astype(np.float64)))
+      out["qs_fit"] = jax.tree.map(np.asarray, qfit)
+  ctx.cache["fit"] = out
+  ctx.lap("objective_fit")
+  return out
+
+
+def objective_fit_stage(ctx: SplitContext) -> list[dict]:
+  start = len(ctx.rows.rows)
+  r, names, alpha = ctx.rows, ctx.names, float(ctx.knob("alpha"))
+  f = fit_results(ctx)
+  fit, null, include, excluded = f["fit"], f["null"], f["include"], f["excluded"]
+  n_perm = 0 if null is None else int(ctx.perms.shape[0])
+  perm_name = f"permutation: updates paired with another task's gradients ({n_perm} draws)"
+  common = {"heldout_steps": f"last {ctx.t_len - f['n_fit']} of {ctx.t_len}"}
+
+  # R² on held-out steps (w and M fitted on the first steps), and its gain over the training loss.
+  gain = fit["r2_heldout"] - fit["r2_train_only_heldout"]
+  r.add("objective_fit", "r2_heldout_steps", fit["r2_heldout"], **common)
+  r.add("objective_fit", "r2_train_only_heldout_steps", fit["r2_train_only_heldout"], **common)
+  r.add("objective_fit", "r2_gain_heldout_steps", gain, **common)
+  gain_row = r.rows[-1]
+  gain_clears = False
+  if gain_row["value"] is not None:
+    if null is not None:
+      ng = np.nanmean(null["r2_heldout"] - null["r2_train_only_heldout"], axis=1)
+      p = null_pvalue(gain_row["value"], ng, two_sided=False)
+      gain_row["null_q95"] = float(np.nanquantile(ng, 0.95)) if np.any(np.isfinite(ng)) else None
+      gain_clears = bool(p < alpha and gain_row["ci_low"] > 0)
+      _mark(gain_row, perm_name, p, gain_clears)
+    else:
+      p = sign_flip_pvalue(gain, seed=r.seed_for("objective_fit", "gain_flip"))
+      gain_clears = bool(p < alpha and gain_row["ci_low"] > 0)
+      _mark(gain_row, "sign flip of the per-task gains", p, gain_clears)
+  # R² on held-out tasks (the objective fitted on the other tasks).
+  ht_gain = f["ht_r2"] - f["ht_r2_0"]
+  r.add("objective_fit", "r2_heldout_tasks", f["ht_r2"])
+  r.add("objective_fit", "r2_train_only_heldout_tasks", f["ht_r2_0"])
+  r.add("objective_fit", "r2_gain_heldout_tasks", ht_gain)
+  row = r.rows[-1]
+  if row["value"] is not None:
+    p = sign_flip_pvalue(ht_gain, seed=r.seed_for("objective_fit", "ht_flip"))
+    _mark(row, "sign flip of the per-task gains", p, p < alpha and row["ci_low"] > 0)
+  r.add("objective_fit", "r2_in_sample", fit["r2"], sample="fitted rows (optimistic)")
+  r.add("objective_fit", "r2_train_only_in_sample", fit["r2_train_only"],
+        sample="fitted rows (optimistic)")
+  r.add("objective_fit", "frac_eta_positive", fit["frac_eta_positive"],
+        note="share of fitted steps that descend the fitted objective (η_t > 0)")
+  r.add("objective_fit", "gram_cond", fit["gram_cond"], stat=np.median)
+  r.add("objective_fit", "metric_cond", fit["metric_cond"], stat=np.median)
+  vif = objective_fit.vifs(f["corr"], include)
+
+  # Weights: w_train = 1 by construction; a term is a finding only when the out-of-sample gain
+  # clears its null and the weight's t-statistic clears the permutation null of the weight.
+  for k, name in enumerate(names):
+    metric = f"w:{name}"
+    if not include[k]:
+      r.fixed("objective_fit", metric, None, n=0, undefined=f"excluded: {excluded[name]}")
+      continue
+    if k == ctx.train_ix:
+      r.fixed("objective_fit", metric, 1.0, n=ctx.b, note="fixed at 1 (normalisation); the "
+              "sign of the update is frac_eta_positive")
+      continue
+    r.add("objective_fit", metric, fit["w_norm"][:, k], vif=float(vif[k]))
+    row = r.rows[-1]
+    if row["value"] is not None:
+      excl0 = row["ci_low"] > 0 or row["ci_high"] < 0
+      if null is not None:
+        t_obs = _tstat(fit["w_norm"][:, k][None])[0]
+        t_null = _tstat(null["w_norm"][:, :, k])
+        p = null_pvalue(t_obs, t_null[np.isfinite(t_null)])
+        _mark(row, perm_name + "; t-statistic of the weight", p,
+              bool(p < alpha and excl0 and gain_clears))
+      else:
+        p = sign_flip_pvalue(fit["w_norm"][:, k], seed=r.seed_for("objective_fit", metric))
+        _mark(row, "sign flip", p, bool(p < alpha and excl0 and gain_clears))
+      row["requires"] = "r2_gain_heldout_steps clears its null"
+    r.add("objective_fit", f"share:{name}", fit["share"][:, k])
+
+  if "qs_fit" in f:
+    q = f["qs_fit"]
+    qgain = q["r2_heldout"] - q["r2_train_only_heldout"]
+    r.add("objective_fit", "qs:r2_heldout_steps", q["r2_heldout"])
+    r.add("objective_fit", "qs:r2_gain_heldout_steps", qgain)
+    row = r.rows[-1]
+    q_clears = False
+    if row["value"] is not None:
+      p = sign_flip_pvalue(qgain, seed=r.seed_for("objective_fit", "qs_gain"))
+      q_clears = bool(p < alpha and row["ci_low"] > 0)
+      _mark(row, "sign flip of the per-task gains", p, q_clears)
+    for k, name in enumerate(names):
+      if not include[k] or k == ctx.train_ix:
+        continue
+      r.add("objective_fit", f"qs:w:{name}", q["w_norm"][:, k])
+      row = r.rows[-1]
+      if row["value"] is not None:
+        p = sign_flip_pvalue(q["w_norm"][:, k], seed=r.seed_for("objective_fit", "qs", name))
+        excl0 = row["ci_low"] > 0 or row["ci_high"] < 0
+        _mark(row, "sign flip", p, bool(p < alpha and excl0 and q_clears))
+  return _new_rows(ctx, start)
+
+
+# --- 5. endpoint fit ------------------------------------------------------------------------------
+
+def endpoint_fit_stage(ctx: SplitContext) -> list[dict]:
+  start = len(ctx.rows.rows)
+  r, names, alpha = ctx.rows, ctx.names, float(ctx.knob("alpha"))
+  steps = ctx.knob("endpoint_steps")
+  steps = ctx.horizon if steps is None else int(steps)
+  g_end, u_end = ctx.endpoint(steps)
+  u_scale = np.max(np.linalg.norm(ctx.updates, axis=2), axis=1)   # the run's own update scale
+  with np.errstate(divide="ignore", invalid="ignore"):
+    rel = u_end / u_scale
+  tol = float(ctx.knob("stationary_tol"))
+  stat = np.isfinite(rel) & (rel <= tol) & np.all(np.isfinite(g_end), axis=(1, 2))
+  r.fixed("endpoint_fit", "endpoint_steps", steps, n=ctx.b)
+  r.add("endpoint_fit", "update_norm_end_rel", rel,
+        note="‖u(θ_end)‖ / max_t ‖u_t‖ along the trajectory")
+  gn_end = np.linalg.norm(g_end[:, ctx.train_ix], axis=1)
+  g0 = np.asarray(ctx.traj["grads"][:, 0, ctx.train_ix], np.float64)
+  r.add("endpoint_fit", "grad_norm_end", gn_end)
+  r.add("endpoint_fit", "grad_norm_end_rel", gn_end / np.linalg.norm(g0, axis=1))
+  r.add("endpoint_fit", "frac_stationary", stat.astype(float),
+        note=f"update_norm_end_rel <= stationary_tol = {tol:g}")
+  n_stat = int(stat.sum())
+  if n_stat < 2:
+    with np.errstate(invalid="ignore"):
+      med = float(np.nanmedian(rel)) if np.any(np.isfinite(rel)) else float("nan")
+    reason = (f"not stationary: update_norm_end_rel={med:.3g} > {tol:g} (median; "
+              f"{n_stat} of {ctx.b} tasks stationary)")
+    for name in names:
+      r.fixed("endpoint_fit", f"w:{name}", None, n=n_stat, undefined=reason)
+    r.fixed("endpoint_fit", "residual_ratio", None, n=n_stat, undefined=reason)
+    return _new_rows(ctx, start)
+  prior = fit_results(ctx)["include"] if "fit" in ctx.cache else None
+  g_s = g_end[stat]
+  ep = endpoint_fit.endpoint_fit(g_s, names, ctx.train_ix, g0[stat], n_boot=int(ctx.knob("n_boot")),
+                                 seed=r.seed_for("endpoint_fit", "w"), prior_include=prior)
+  perms = np.stack([np.random.default_rng(r.seed_for("endpoint_fit", "perm", i)).permutation(n_stat)
+                    for i in range(int(ctx.knob("num_perms")))]) if n_stat > 1 else np.zeros((0, 0))
+  null_rr = endpoint_fit.permutation_null(g_s, ep["include"], ctx.train_ix, perms)
+  p_rr = null_pvalue(-ep["residual_ratio"], -null_rr, two_sided=False)
+  rr_clears = bool(p_rr < alpha and ep["residual_ratio"] < 0.5)
+  for k, name in enumerate(names):
+    if k == ctx.train_ix:
+      r.fixed("endpoint_fit", f"w:{name}", 1.0, n=ep["n"], note="fixed at 1 (normalisation)")
+    elif ep["include"][k]:
+      r.fixed("endpoint_fit", f"w:{name}", ep["w"][k], ep["ci_low"][k], ep["ci_high"][k], ep["n"])
+      row = r.rows[-1]
+      excl0 = row["ci_low"] is not None and (row["ci_low"] > 0 or row["ci_high"] < 0)
+      _mark(row, "residual_ratio vs permutation null (end points of other tasks)", p_rr,
+            bool(excl0 and rr_clears))
+    else:
+      r.fixed("endpoint_fit", f"w:{name}", None, n=ep["n"],
+              undefined=f"excluded: {ep['excluded'][name]}")
+  r.fixed("endpoint_fit", "residual_ratio", ep["residual_ratio"], n=ep["n"],
+          note="fit residual / training-loss-only residual at the same end points")
+  if r.rows[-1]["value"] is not None:
+    r.rows[-1]["null_q05"] = float(np.quantile(null_rr, 0.05)) if null_rr.size else None
+    _mark(r.rows[-1], "permutation: other terms' gradients from other end points", p_rr,
+          rr_clears)
+  r.fixed("endpoint_fit", "rel_residual", ep["rel_residual"], n=ep["n"],
+          note="residual / Σ‖∇L_train(θ₀)‖² (scale only; use residual_ratio)")
+  return _new_rows(ctx, start)
+
+
+# --- 6. alignment ---------------------------------------------------------------------------------
+
+def alignment_stage(ctx: SplitContext) -> list[dict]:
+  start = len(ctx.rows.rows)
+  r, alpha = ctx.rows, float(ctx.knob("alpha"))
+  f = fit_results(ctx)
+  traj, u = ctx.traj, ctx.updates
+  vals = np.asarray(traj["vals"], np.float64)
+  gt = np.asarray(traj["grads"][:, :-1, ctx.train_ix], np.float64)
+  go = np.asarray(traj["grads"][:, :-1, ctx.outer_ix], np.float64)
+  w_fit = np.where(f["include"][None, :], np.nan_to_num(f["fit"]["w_norm"]), 0.0)
+  tie = float(ctx.knob("tie_rtol"))
+  al = [align_mod.alignment(u[i], gt[i], go[i], vals[i, :, ctx.outer_ix], vals[i] @ w_fit[i],
+                            tie_rtol=tie) for i in range(ctx.b)]
+  perms = ctx.perms
+  nulls = {
+      "cos_u_neg_outer_grad": lambda i, j: align_mod.cos_mean(u[i], go[j]),
+      "descent_ratio": lambda i, j: align_mod.descent_ratio(u[i], go[j], gt[i]),
+  }
+  perm_name = f"permutation: updates paired with another task's outer gradient ({perms.shape[0]})"
+  for m in ("cos_u_neg_outer_grad", "cos_u_neg_outer_grad_late", "cos_u_neg_train_grad",
+            "descent_ratio", "descent_ratio_late", "frac_outer_descent", "divergence_step"):
+    stat = np.median if "ratio" in m else np.mean
+    extra = {"tie_rtol": tie} if m == "frac_outer_descent" else {}
+    r.add("alignment", m, [a[m] for a in al], stat=stat,
+          undefined="no divergence step in any task" if m == "divergence_step" else None, **extra)
+    row = r.rows[-1]
+    if m in nulls and row["value"] is not None and perms.shape[0]:
+      null = np.array([stat(np.array([nulls[m](i, int(p[i])) for i in range(ctx.b)]))
+                       for p in perms])
+      p = null_pvalue(row["value"], null[np.isfinite(null)], two_sided=True, centre=0.0)
+      ci_excl = row["ci_low"] > 0 or row["ci_high"] < 0
+      _mark(row, perm_name, p, bool(p < alpha and ci_excl))
+  r.add("alignment", "frac_diverged", [a["diverged"] for a in al])
+  ctx.lap("alignment")
+  return _new_rows(ctx, start)
+
+
+# --- 7. probes ------------------------------------------------------------------------------------
+
+def probes_stage(ctx: SplitContext) -> list[dict]:
+  start = len(ctx.rows.rows)
+  if ctx.hidden_like is None:
+    return []
+  r, traj = ctx.rows, ctx.traj
+  hid = jax.vmap(jax.vmap(ctx.opt.hidden_state))(take(traj["opt_states"],
+                                                      jnp.arange(1, ctx.t_len + 1)))
+  vals = np.asarray(traj["vals"], np.float64)
+  tg = probes.targets(np.asarray(traj["grads"][:, :-1, ctx.train_ix]),
+                      vals[:, :-1, ctx.train_ix], np.asarray(traj["curvature"]), ctx.horizon)
+  res = probes.probe_all(np.asarray(hid), tg, seed=r.seed_for("probes"),
+                         n_boot=int(ctx.knob("n_boot")),
+                         max_rows=int(ctx.knob("probe_max_rows")))
+  null = "control probe on targets shuffled within folds (Hewitt & Liang 2019)"
+  for tname, x in res.items():
+    r.fixed("probes", f"r2:{tname}", x["r2"], x["r2_lo"], x["r2_hi"], x["n"])
+    r.fixed("probes", f"selectivity:{tname}", x["selectivity"], x["sel_lo"], x["sel_hi"], x["n"])
+    row = r.rows[-1]
+    if row["value"] is not None:
+      row["null"] = null
+      row["clears_null"] = bool(row["ci_low"] is not None and row["ci_low"] > 0.05)
+    r.fixed("probes", f"r2_control:{tname}", x["r2_control"], n=x["n"])
+  ctx.lap("probes")
+  return _new_rows(ctx, start)
