@@ -106,14 +106,27 @@ def base_config() -> ml_collections.ConfigDict:
   c.analysis.num_probes = 64     # Gaussian probe pairs per point (NCI estimators, >= 2)
   c.analysis.n_boot = 1000       # bootstrap resamples, in [10, 1e6]
   c.analysis.endpoint_steps = None  # endpoint-fit run length (None: the split's horizon; >= 1)
-  c.analysis.dense_max = 2048    # largest n for the dense Jacobian of the fitted metric (>= 0)
+  c.analysis.dense_max = 2048    # largest n for the exact dense-Jacobian NCIs (>= 0; above: probes)
   c.analysis.qs_max_state = 1024  # largest float-state size for the quasi-static reduction (>= 0)
   c.analysis.num_sens_probes = 8  # Rademacher rows for the update's sensitivity to g (>= 1)
-  c.analysis.fit_iters = 100     # iterations of the objective fit (>= 1)
+  c.analysis.fit_iters = 20      # ALS iterations of the objective fit (>= 1)
   c.analysis.num_eigs = 4        # quasi-static eigenvalues reported (>= 1)
   c.analysis.probe_max_rows = 50000  # rows used to fit the hidden-state probes (>= 1)
   c.analysis.qs_fit_steps = 25   # trajectory steps per task at which u-bar is solved (>= 1)
   c.analysis.qs_fit_max_state = 256  # largest float-state size for that fit (>= 0)
+  c.analysis.spd_max = 32        # largest n for the dense SPD metric test (cost O(n^5); >= 0)
+  c.analysis.spd_on_qs = False   # also run the dense SPD metric test on the effective update
+  c.analysis.spd_null_tol = 1e-4  # NCI_M below which a metric M counts as symmetrising, in (0, 1)
+  c.analysis.nci_floor = 1e-6    # float64 numerical floor of an exactly symmetric J, in (0, 1)
+  c.analysis.heldout_frac = 0.25  # share of the last steps held out of the objective fit, in (0, 1)
+  c.analysis.vif_max = 100.0     # largest variance inflation factor of an identifiable term (> 1)
+  c.analysis.num_perms = 20      # permutation-null draws (0 disables the permutation null)
+  c.analysis.alpha = 0.05        # level of every null test, in (0, 1)
+  c.analysis.stationary_tol = 1e-3  # endpoint gate: |u_end| / max_t |u_t| at most this (> 0)
+  c.analysis.tie_rtol = 1e-6     # relative tolerance of loss ties in frac_outer_descent (>= 0)
+  c.analysis.unit_eig_tol = 1e-6  # |eigenvalue| within this of 1: a conserved state component
+  c.analysis.controls = ("noise_update", "random_field")  # no-objective controls (optimizer names)
+  c.analysis.control_splits = ("heldout",)  # splits the controls are analysed on
 
   # Shift suite: each entry is a named split (task knob overrides and/or a horizon multiplier).
   c.shifts = ml_collections.ConfigDict()
@@ -544,6 +557,16 @@ ANALYSIS_BOUNDS = {
     "num_sens_probes": (1, 10**4, False), "fit_iters": (1, 10**6, False),
     "num_eigs": (1, 10**4, False), "probe_max_rows": (1, 10**8, False),
     "qs_fit_steps": (1, MAX_COUNT, False), "qs_fit_max_state": (0, 10**5, False),
+    "spd_max": (0, 256, False), "num_perms": (0, 10**4, False),
+}
+
+
+# Real-valued analysis knobs: (low, high, low_open, high_open).
+ANALYSIS_REAL_BOUNDS = {
+    "spd_null_tol": (0.0, 1.0, True, True), "nci_floor": (0.0, 1.0, True, True),
+    "heldout_frac": (0.0, 1.0, True, True), "vif_max": (1.0, 1e12, True, False),
+    "alpha": (0.0, 1.0, True, True), "stationary_tol": (0.0, 1.0, True, False),
+    "tie_rtol": (0.0, 1.0, False, False), "unit_eig_tol": (0.0, 1.0, False, True),
 }
 
 
@@ -552,6 +575,21 @@ def check_analysis(d):
   for key, (low, high, none) in ANALYSIS_BOUNDS.items():
     _int(d, f"analysis.{key}", low=low, high=high, allow_none=none)
   a = d["analysis"]
+  for key, (low, high, low_open, high_open) in ANALYSIS_REAL_BOUNDS.items():
+    v = a[key]
+    if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v) or (
+        v <= low if low_open else v < low) or (v >= high if high_open else v > high):
+      raise ValueError(f"config.analysis.{key} must be a number in {'(' if low_open else '['}"
+                       f"{low}, {high}{')' if high_open else ']'}, got {v!r}")
+  if not isinstance(a["spd_on_qs"], bool):
+    raise ValueError(f"config.analysis.spd_on_qs must be true or false, got {a['spd_on_qs']!r}")
+  for key in ("controls", "control_splits"):
+    names = a[key]
+    if isinstance(names, str) or not isinstance(names, (list, tuple)) or not all(
+        isinstance(x, str) for x in names):
+      raise ValueError(f"config.analysis.{key} must be a tuple of names, got {names!r}")
+  for name in a["controls"]:
+    registry.make_optimizer(name)  # unknown names fail here
   if a["num_points"] > a["num_steps"]:
     raise ValueError(f"config.analysis.num_points must be in [1, num_steps={a['num_steps']}], "
                      f"got {a['num_points']}")

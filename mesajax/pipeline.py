@@ -169,15 +169,21 @@ def analyze(workdir: str, step: int | None = None, config=None, optimizer: str |
       opt, phi = hand_designed(config, optimizer)
       name, at = optimizer, None
     splits = make_splits(config)
-    if optimizer is None and int(config.meta.num_seeds) > 1:  # every member of the population
-      import jax
-      rows = []
-      for s in range(int(config.meta.num_seeds)):
-        member = jax.tree.map(lambda x: x[s], phi)
-        rows += [dict(r, seed=s) for r in
-                 run_analyses(opt, member, name, splits, config.analysis, int(config.seed))]
-    else:
+    if optimizer is not None:
       rows = run_analyses(opt, phi, name, splits, config.analysis, int(config.seed))
+    else:
+      # The untrained learned optimizer (the phi meta-training started from) is the null every
+      # learned-optimizer finding is compared with, on the same tasks (paired rows).
+      import jax
+      from mesajax.meta.outer import MetaTrainer
+      phi0 = MetaTrainer(config).initial_phi()
+      rows = []
+      members = range(int(config.meta.num_seeds)) if int(config.meta.num_seeds) > 1 else [None]
+      for s in members:  # every member of a seed population
+        take = (lambda t: t) if s is None else (lambda t, s=s: jax.tree.map(lambda x: x[s], t))
+        out = run_analyses(opt, take(phi), name, splits, config.analysis, int(config.seed),
+                           null_phi=take(phi0))
+        rows += out if s is None else [dict(r, seed=s) for r in out]
     return replace_rows(os.path.join(workdir, RESULTS), rows, stage="analyze", checkpoint=at)
 
 

@@ -30,20 +30,13 @@ PyTree = Any
 
 
 def hierarchical_ci(x_SxM: np.ndarray, n_boot: int, seed: int, alpha: float = 0.05):
-  """(mean, lo, hi) of mean_s mean_m x[s, m] under a seeds-then-tasks bootstrap; non-finite
-  entries count as +inf (a failed run), as in ``stats.bootstrap_ci``."""
+  """(mean, lo, hi) of mean_s mean_m x[s, m] under a seeds-then-tasks bootstrap
+  (``stats.hierarchical_bootstrap_ci`` with the seeds as groups); non-finite entries count as +inf
+  (a failed run), as in ``stats.bootstrap_ci``."""
   x = np.asarray(x_SxM, np.float64)
-  x = np.where(np.isfinite(x), x, np.inf)
-  s, m = x.shape
-  with np.errstate(invalid="ignore", over="ignore"):
-    value = float(x.mean())
-    rng = np.random.default_rng(seed)
-    seeds_BxS = rng.integers(0, s, size=(n_boot, s))
-    tasks_BxSxM = rng.integers(0, m, size=(n_boot, s, m))
-    boot_B = x[seeds_BxS[:, :, None], tasks_BxSxM].mean(axis=(1, 2))
-  method = "linear" if np.all(np.isfinite(boot_B)) else "inverted_cdf"
-  lo, hi = np.quantile(boot_B, [alpha / 2, 1 - alpha / 2], method=method)
-  return value, float(lo), float(hi)
+  groups = np.repeat(np.arange(x.shape[0]), x.shape[1])
+  return stats.hierarchical_bootstrap_ci(x.reshape(-1), groups, n_boot=n_boot, seed=seed,
+                                         alpha=alpha)
 
 
 def member(phis_S: PyTree, s: int) -> PyTree:

@@ -120,6 +120,12 @@ class MetaTrainer:
                      jnp.zeros([], jnp.int32), k_run, jnp.zeros([], jnp.int32),
                      jax.tree.map(jnp.copy, phi), jnp.full([], jnp.inf, jnp.float32))
 
+  def initial_phi(self):
+    """The phi meta-training starts from (a leading member axis for a population): the learned
+    optimizer before meta-training, the analyses' untrained null."""
+    init_phi = lambda key: self.opt.init_phi(jax.random.split(key, 3)[0])
+    return jax.jit(self._over_seeds(init_phi))(self.seed_keys())
+
   def init(self, key=None) -> MetaState:
     """The initial state (deterministic in ``config.seed``), placed on the mesh."""
     keys = self.seed_keys() if key is None else key

@@ -17,7 +17,7 @@ import json
 import os
 from typing import Any, Sequence
 
-from mesajax.analysis import report as analysis_report
+from mesajax.report import analyses as analysis_report
 from mesajax.report import figures
 from mesajax.report.rows import ordered_unique, read_rows, row_key
 
