@@ -3,7 +3,8 @@
 A checkpoint at outer step N holds two items: ``state`` (the ``MetaState`` pytree: phi, outer
 optimizer state, estimator/truncation/PES state, step, RNG key, skip count) saved with
 ``StandardSave``, and ``meta`` (JSON: the resolved config, package versions, git commit) saved with
-``JsonSave``. ``CheckpointManager`` writes atomically renamed step folders under ``DIR/checkpoints``;
+``JsonSave`` — provenance for a reader of the step folder (or another tool); mesajax itself reads
+the run's config from ``DIR/config.json`` and verifies the state by its checksum. ``CheckpointManager`` writes atomically renamed step folders under ``DIR/checkpoints``;
 each save is synchronous, so an interruption never leaves a half-written latest checkpoint.
 
 Guarantees added on top of orbax (docs/reliability.md):
@@ -192,19 +193,6 @@ def all_steps(workdir: str) -> list[int]:
 def latest_step(workdir: str) -> int | None:
   steps = all_steps(workdir)
   return steps[-1] if steps else None
-
-
-def restore_meta(workdir: str, step: int | None = None) -> dict:
-  """The JSON metadata of a checkpoint (latest by default); ``ValueError`` if there is none."""
-  step = _pick(workdir, step)
-  with interrupt.deferred():
-    with _manager(workdir, create=False) as mngr:
-      try:
-        out = mngr.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))
-      except Exception as e:
-        raise CorruptCheckpoint(f"cannot read the metadata of checkpoint step {step} in "
-                                f"{checkpoint_dir(workdir)}: {_line(e)}") from None
-  return dict(out["meta"])
 
 
 def _line(e: BaseException) -> str:

@@ -52,7 +52,6 @@ from mesajax.report.rows import make_row
 from mesajax.rollout import run_curve
 
 PyTree = Any
-EVAL_METRICS = ("final_outer_loss", "mean_outer_loss", "diverged_frac", "overfit_frac")
 
 
 def role(opt) -> str:

@@ -139,7 +139,7 @@ def _values(rows, analysis, metric, opt, splits):
   return v, np.clip(v - lo, 0, None), np.clip(hi - v, 0, None)
 
 
-def _bars(ax, rows, analysis, metrics, opt, splits, title):
+def _bars(ax, rows, metrics, opt, splits, title):
   width = 0.8 / max(len(metrics), 1)
   x = np.arange(len(splits))
   for i, (a, m) in enumerate(metrics):
@@ -170,7 +170,7 @@ def make_figures(rows: list[dict], outdir: str) -> list[str]:
       return
     fig, axes = plt.subplots(1, len(opts), figsize=(4.5 * len(opts), 3.4), squeeze=False)
     for ax, opt in zip(axes[0], opts):
-      _bars(ax, rows, None, metrics, opt, splits, f"{title}: {opt}")
+      _bars(ax, rows, metrics, opt, splits, f"{title}: {opt}")
     fig.tight_layout()
     path = os.path.join(outdir, name)
     fig.savefig(path, dpi=110)
