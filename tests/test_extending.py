@@ -78,3 +78,21 @@ def test_end_to_end_through_run_py(tmp_path):
   config = json.load(open(os.path.join(workdir, "config.json")))
   assert config["task"]["kwargs"]["dim"] == 4 and "noise" in config["task"]["kwargs"]
   assert os.path.exists(os.path.join(workdir, "report.md"))
+
+
+def test_analysis_example_through_the_suite(monkeypatch):
+  """The example analysis, registered with its one line, runs in the suite: plain gradient
+  descent with rate η has effective step η and no variation."""
+  import ml_collections
+  from mesajax.analysis import suite
+  from mesajax.splits import Split
+  monkeypatch.setitem(registry.ANALYSES, "step_size", "examples.extending.step_size:step_size_stage")
+  fam = registry.make_task_family("quadratic", {"dim": 4})
+  opt = registry.make_optimizer("sgd", {"learning_rate": 0.1})
+  acfg = ml_collections.ConfigDict({**suite.DEFAULTS, "num_tasks": 4, "num_steps": 8,
+                                    "controls": (), "n_boot": 50})
+  rows = suite.run_analyses(opt, opt.init_phi(), "sgd", {"heldout": Split("heldout", fam, 8)},
+                            acfg, 0, stages=("step_size",))
+  by = {r["metric"]: r for r in rows if r["analysis"] == "step_size"}
+  assert by["effective_step"]["value"] == pytest.approx(0.1, rel=1e-5)
+  assert by["effective_step_cv"]["value"] == pytest.approx(0.0, abs=1e-5)
