@@ -33,7 +33,6 @@ def configs(quick: bool) -> dict:
     base.icl.num_seeds = 2
     base.icl.eval.num_tasks = 128
     base.icl.eval.n_boot = 200
-    base.icl.eval.gdpp_iters = 50
     base.shifts = ml_collections.ConfigDict({k: v for k, v in base.shifts.to_dict().items()
                                              if k in QUICK_SHIFTS})
     return {"lsa2": base}
