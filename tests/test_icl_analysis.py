@@ -102,3 +102,22 @@ def test_pipeline_smoke_end_to_end(tmp_path):
   assert "λ̂" in md and "noise_x2" in md
   paths = report.make_figures(rows, str(tmp_path / "fig"))
   assert len(paths) == 2
+
+
+def test_gpt_is_causal_and_shapes():
+  """The softmax transformer predicts every yᵢ from its prefix only, and each query alone."""
+  from flax import nnx
+  from mesajax.icl import models
+  m = models.make_model("gpt", 3, {"num_layers": 1, "num_heads": 1, "width": 16, "max_len": 8},
+                        jax.random.PRNGKey(0))
+  g, p = nnx.split(m)
+  rng = np.random.default_rng(0)
+  x, xq = jnp.asarray(rng.standard_normal((5, 3)), jnp.float32), jnp.asarray(rng.standard_normal((2, 3)), jnp.float32)
+  y = jnp.asarray(rng.standard_normal(5), jnp.float32)
+  run = jax.jit(lambda p, y: (nnx.merge(g, p).train_predictions(x, y, xq)[0],
+                              nnx.merge(g, p).hidden(x, y, xq)))
+  pred, hid = run(p, y)
+  assert pred.shape == (7,) and hid.shape == (2, 2, 16)
+  pred2, _ = run(p, y.at[3].set(10.0))  # changing y₃ leaves the predictions of y₀..y₃ unchanged
+  np.testing.assert_allclose(pred[:4], pred2[:4], atol=1e-6)
+  assert not np.allclose(pred[4:], pred2[4:])

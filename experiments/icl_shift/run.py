@@ -33,7 +33,6 @@ def configs(quick: bool) -> dict:
     base.icl.num_seeds = 2
     base.icl.eval.num_tasks = 128
     base.icl.eval.n_boot = 200
-    base.icl.eval.gdpp_iters = 50
     base.shifts = ml_collections.ConfigDict({k: v for k, v in base.shifts.to_dict().items()
                                              if k in QUICK_SHIFTS})
     return {"lsa2": base}
@@ -74,17 +73,21 @@ def main(argv=None):
   ap.add_argument("--quick", action="store_true")
   args = ap.parse_args(argv)
   rows, times = run_all(configs(args.quick), args.workdir)
+  write_readme(args.workdir, rows, times, args.quick)
+
+
+def write_readme(workdir, rows, times, quick):
   figs = report.make_figures([r for r in rows if r["run"] == "lsa2"],
-                             os.path.join(args.workdir, "figures"))
-  parts = [f"# icl_shift results{' (--quick)' if args.quick else ''}", "",
+                             os.path.join(workdir, "figures"))
+  parts = [f"# icl_shift results{' (--quick)' if quick else ''}", "",
            "Query loss ½(ŷ − y)², mean over tasks and seeds; references fitted on the training "
            "distribution and held fixed under shift, like the models. λ̂ with a 95% bootstrap CI "
            "over (seed, task) pairs.", ""]
   for run in sorted({r["run"] for r in rows}):
     parts += [f"## {run}", "", shift_table(rows, run), ""]
   parts += ["## Timing", "", timing_table(times), "",
-            "Figures: " + ", ".join(os.path.relpath(f, args.workdir) for f in figs), ""]
-  with open(os.path.join(args.workdir, "README.md"), "w") as f:
+            "Figures: " + ", ".join(os.path.relpath(f, workdir) for f in figs), ""]
+  with open(os.path.join(workdir, "README.md"), "w") as f:
     f.write("\n".join(parts))
   print("\n".join(parts))
 

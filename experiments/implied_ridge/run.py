@@ -82,8 +82,12 @@ def main(argv=None):
   ap.add_argument("--quick", action="store_true")
   args = ap.parse_args(argv)
   rows, times = run_all(configs(args.quick), args.workdir)
-  figs = report.make_figures(rows, os.path.join(args.workdir, "figures"))
-  parts = [f"# implied_ridge results{' (--quick)' if args.quick else ''}", "",
+  write_readme(args.workdir, rows, times, args.quick)
+
+
+def write_readme(workdir, rows, times, quick):
+  figs = report.make_figures(rows, os.path.join(workdir, "figures"))
+  parts = [f"# implied_ridge results{' (--quick)' if quick else ''}", "",
            "λ̂ = argmin over the grid {0} ∪ logspace(1e-3, 1e3, 61) of the mean SPD(model, ridge_λ) "
            "(16 probe queries per task); CI: percentile bootstrap over (seed, task) pairs.", "",
            *claims(rows), "", report.lambda_table(rows), "", "## Query loss", "",
@@ -92,8 +96,8 @@ def main(argv=None):
     parts += [f"## Agreement on the training distribution: {run}", "",
               report.comparison_table([r for r in rows if r["run"] == run], "train"), ""]
   parts += ["## Timing", "", timing_table(times), "",
-            "Figures: " + ", ".join(os.path.relpath(f, args.workdir) for f in figs), ""]
-  with open(os.path.join(args.workdir, "README.md"), "w") as f:
+            "Figures: " + ", ".join(os.path.relpath(f, workdir) for f in figs), ""]
+  with open(os.path.join(workdir, "README.md"), "w") as f:
     f.write("\n".join(parts))
   print("\n".join(parts))
 

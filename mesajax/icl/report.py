@@ -37,12 +37,18 @@ def _icl(rows):
   return [r for r in rows if r.get("analysis") == "icl"]
 
 
-def _find(rows, split, who, metric, reference=None, seed=None):
+def _find(rows, split, who, metric, reference=None, seed=None, run=None):
   for r in rows:
     if (r["split"] == split and r["optimizer"] == who and r["metric"] == metric
-        and r.get("reference") == reference and r.get("seed") == seed):
+        and r.get("reference") == reference and r.get("seed") == seed
+        and (run is None or r.get("run") == run)):
       return r
   return None
+
+
+def _label(run, who):
+  """Rows collected from several runs (extra key ``run``) are told apart by it."""
+  return who if run is None else f"{who} ({run})"
 
 
 def comparison_table(rows, split: str, whos=None, refs=None) -> str:
@@ -65,10 +71,11 @@ def loss_table(rows, splits=None) -> str:
   """Query loss ½(ŷ − y)² of every model, null and reference, one column per split."""
   rows = [r for r in _icl(rows) if r["metric"] == "loss" and r.get("seed") is None]
   splits = splits or ordered_unique(r["split"] for r in rows)
-  whos = ordered_unique(r["optimizer"] for r in rows)
+  whos = ordered_unique((r.get("run"), r["optimizer"]) for r in rows)
   out = ["| model / reference | " + " | ".join(splits) + " |", "|---|" + "---|" * len(splits)]
-  for who in whos:
-    out.append(f"| {who} | " + " | ".join(fmt_ci(_find(rows, s, who, "loss")) for s in splits) + " |")
+  for run, who in whos:
+    out.append(f"| {_label(run, who)} | " + " | ".join(
+        fmt_ci(_find(rows, s, who, "loss", run=run)) for s in splits) + " |")
   return "\n".join(out)
 
 
@@ -79,11 +86,13 @@ def lambda_table(rows) -> str:
   out = ["| split | model | λ̂ [95% CI] | λ̂ per seed | λ* of the split | λ* of training |",
          "|---|---|---|---|---|---|"]
   for r in lam:
+    run = r.get("run")
     per = [x["value"] for x in rows if x["metric"] == "lambda_hat" and x["split"] == r["split"]
-           and x["optimizer"] == r["optimizer"] and x.get("seed") is not None]
-    star = _find(rows, r["split"], "bayes", "lambda_star")
+           and x["optimizer"] == r["optimizer"] and x.get("seed") is not None
+           and x.get("run") == run]
+    star = _find(rows, r["split"], "bayes", "lambda_star", run=run)
     edge = " (grid edge)" if r.get("at_grid_edge") else ""
-    out.append(f"| {r['split']} | {r['optimizer']} | {fmt_ci(r)}{edge} | "
+    out.append(f"| {r['split']} | {_label(run, r['optimizer'])} | {fmt_ci(r)}{edge} | "
                f"{', '.join(fmt(p) for p in per) or '–'} | {fmt(r.get('lambda_star'))} | "
                f"{fmt(star.get('lambda_star_train')) if star else '–'} |")
   return "\n".join(out)
