@@ -173,6 +173,9 @@ SMOKE = {
     "eval.num_tasks": 8, "eval.num_tuning_tasks": 4, "eval.lr_grid_size": 4, "eval.n_boot": 50,
     "analysis.num_tasks": 3, "analysis.num_steps": 10, "analysis.num_points": 2,
     "analysis.num_probes": 8, "analysis.n_boot": 50,
+    # The smoke run exercises every null's code path once, not its statistics.
+    "analysis.num_perms": 2, "analysis.controls": ("noise_update",), "analysis.spd_max": 8,
+    "analysis.fit_iters": 5,
 }
 
 _SPECIAL = {"nan": math.nan, "+nan": math.nan, "-nan": math.nan, "inf": math.inf,

@@ -124,7 +124,9 @@ def test_as_optax_in_a_plain_optax_loop(opt):
   assert int(state.step) == 10
   chex.assert_trees_all_equal_shapes(params, SMALL)
   assert not np.allclose(ravel_pytree(params)[0], ravel_pytree(SMALL)[0])
-  if not opt.learned:  # hand-designed rules descend this quadratic at their default rates
+  if not opt.learned and not getattr(opt, "objective_free", False):
+    # hand-designed rules descend this quadratic at their default rates (no-objective controls
+    # such as a pure-noise update need not)
     assert losses[-1] < losses[0]
 
 

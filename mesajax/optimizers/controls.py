@@ -31,19 +31,11 @@ import numpy as np
 from jax.flatten_util import ravel_pytree
 
 from mesajax.optimizers.base import Optimizer, StepContext
+from mesajax.optimizers.common import LogLearningRate, check
 
 
 class EmptyState(NamedTuple):
   """Control rules keep no state."""
-
-
-def _check(cond: bool, msg: str) -> None:
-  if not cond:
-    raise ValueError(msg)
-
-
-def _lr(phi):
-  return jnp.exp(jnp.asarray(phi["log_lr"], jnp.float32))
 
 
 @functools.lru_cache(maxsize=32)
@@ -72,11 +64,10 @@ def _noise(n: int, seed: int, step) -> jax.Array:
 _NOISE_STEPS = 4096
 
 
-class _Control(Optimizer):
+class _Control(LogLearningRate, Optimizer):
   learned = False
-
-  def init_phi(self, key=None):
-    return {"log_lr": jnp.asarray(math.log(self.learning_rate), jnp.float32)}
+  #: True for a rule that follows no objective (a no-objective control): it need not descend.
+  objective_free = True
 
   def init(self, phi, params):
     return EmptyState()
@@ -94,13 +85,13 @@ class NoiseUpdate(_Control):
   name = "noise_update"
 
   def validate(self) -> None:
-    _check(self.learning_rate > 0, f"noise_update: learning_rate must be > 0, got "
+    check(self.learning_rate > 0, f"noise_update: learning_rate must be > 0, got "
            f"{self.learning_rate}")
 
   def update(self, phi, state, grads, params, ctx: StepContext):
     g, unravel = ravel_pytree(grads)
     xi = _noise(int(g.shape[0]), self.seed, ctx.step).astype(g.dtype)
-    return unravel(_lr(phi).astype(g.dtype) * xi), state
+    return unravel(self.learning_rate_of(phi).astype(g.dtype) * xi), state
 
 
 @dataclasses.dataclass(frozen=True)
@@ -113,14 +104,14 @@ class RandomField(_Control):
   name = "random_field"
 
   def validate(self) -> None:
-    _check(self.learning_rate > 0, f"random_field: learning_rate must be > 0, got "
+    check(self.learning_rate > 0, f"random_field: learning_rate must be > 0, got "
            f"{self.learning_rate}")
-    _check(self.scale > 0, f"random_field: scale must be > 0, got {self.scale}")
+    check(self.scale > 0, f"random_field: scale must be > 0, got {self.scale}")
 
   def update(self, phi, state, grads, params, ctx: StepContext):
     th, unravel = ravel_pytree(params)
     w, b = random_field_params(int(th.shape[0]), self.seed, float(self.scale))
-    u = _lr(phi).astype(th.dtype) * jnp.sin(jnp.asarray(w, th.dtype) @ th
+    u = self.learning_rate_of(phi).astype(th.dtype) * jnp.sin(jnp.asarray(w, th.dtype) @ th
                                             + jnp.asarray(b, th.dtype))
     return unravel(u), state
 
@@ -133,11 +124,12 @@ class PrecondSGD(_Control):
   cond: float = 10.0
   seed: int = 0
   name = "precond_sgd"
+  objective_free = False  # an exact gradient flow in the metric P⁻¹
 
   def validate(self) -> None:
-    _check(self.learning_rate > 0, f"precond_sgd: learning_rate must be > 0, got "
+    check(self.learning_rate > 0, f"precond_sgd: learning_rate must be > 0, got "
            f"{self.learning_rate}")
-    _check(self.cond >= 1, f"precond_sgd: cond must be >= 1, got {self.cond}")
+    check(self.cond >= 1, f"precond_sgd: cond must be >= 1, got {self.cond}")
 
   def preconditioner(self, n: int) -> np.ndarray:
     return spd_preconditioner(n, self.seed, float(self.cond))
@@ -145,4 +137,4 @@ class PrecondSGD(_Control):
   def update(self, phi, state, grads, params, ctx: StepContext):
     g, unravel = ravel_pytree(grads)
     p = jnp.asarray(self.preconditioner(int(g.shape[0])), g.dtype)
-    return unravel(-_lr(phi).astype(g.dtype) * (p @ g)), state
+    return unravel(-self.learning_rate_of(phi).astype(g.dtype) * (p @ g)), state
