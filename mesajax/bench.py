@@ -43,23 +43,31 @@ def _peak_memory_mb() -> dict:
   return out
 
 
-def benchmark(config, steps: int = 100, repeats: int = 3) -> dict:
-  from mesajax.meta.outer import MetaTrainer
-  trainer = MetaTrainer(config)
-  state = trainer.init()
+def time_step(step, state, steps: int, repeats: int):
+  """Times a jitted, state-donating ``step(state) -> (state, out)``: ``compile_s`` (lowering plus
+  compilation), then one warm-up call and ``repeats`` blocks of ``steps`` calls, the host syncing
+  once per block. Returns ``(compile_s, steps_per_s of each block, final state, last out)``."""
   jax.block_until_ready(state)
   t0 = time.perf_counter()
-  compiled = trainer.step.lower(state).compile()
+  compiled = step.lower(state).compile()
   compile_s = time.perf_counter() - t0
-  state, metrics = compiled(state)  # warm-up
+  state, out = compiled(state)  # warm-up
   jax.block_until_ready(state)
   rates = []
   for _ in range(repeats):
     t0 = time.perf_counter()
     for _ in range(steps):
-      state, metrics = compiled(state)
-    jax.block_until_ready((state, metrics))
+      state, out = compiled(state)
+    jax.block_until_ready((state, out))
     rates.append(steps / (time.perf_counter() - t0))
+  return compile_s, rates, state, out
+
+
+def benchmark(config, steps: int = 100, repeats: int = 3) -> dict:
+  from mesajax.meta.outer import MetaTrainer
+  trainer = MetaTrainer(config)
+  state = trainer.init()
+  compile_s, rates, state, metrics = time_step(trainer.step, state, steps, repeats)
   outer = statistics.median(rates)
   inner_per_outer = trainer.inner_steps_per_outer_step()
   c = config

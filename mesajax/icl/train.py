@@ -30,6 +30,7 @@ from flax import nnx
 from tqdm.auto import tqdm
 
 from mesajax import checkpoint, rundir
+from mesajax.bench import time_step
 from mesajax.icl import config as cfg
 from mesajax.icl.models import make_model
 
@@ -241,19 +242,7 @@ def benchmark(config, steps: int = 50, repeats: int = 3) -> dict:
   (sequences = seeds × batch per step; median over ``repeats`` blocks of ``steps`` steps)."""
   trainer = Trainer(config)
   state = trainer.init()
-  jax.block_until_ready(state)
-  t0 = time.perf_counter()
-  compiled = trainer.step.lower(state).compile()
-  compile_s = time.perf_counter() - t0
-  state, m = compiled(state)
-  jax.block_until_ready(state)
-  rates = []
-  for _ in range(repeats):
-    t0 = time.perf_counter()
-    for _ in range(steps):
-      state, m = compiled(state)
-    jax.block_until_ready((state, m))
-    rates.append(steps / (time.perf_counter() - t0))
+  compile_s, rates, state, _ = time_step(trainer.step, state, steps, repeats)
   steps_per_s = float(np.median(rates))
   seqs = trainer.num_seeds * trainer.batch_size
   return {"config": config.name, "model": config.icl.model, "num_seeds": trainer.num_seeds,
