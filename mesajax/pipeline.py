@@ -57,7 +57,7 @@ def load_learned(workdir: str, step: int | None = None):
                                               b, p), state.best_phi, state.phi)
   else:
     phi = state.phi
-  return config, trainer.opt, phi, int(state.step)
+  return config, trainer.opt, phi, trainer.outer_step(state)
 
 
 def hand_designed(config, name: str):
@@ -134,9 +134,9 @@ def _set_aside_results(workdir, step):
 
 def evaluate(workdir: str, step: int | None = None) -> list[dict]:
   from mesajax.eval.evaluate import evaluate_all
-  load_run_config(workdir)  # one line before taking the lock when DIR holds no run
+  run_config = load_run_config(workdir)  # one line before taking the lock when DIR holds no run
   with lock.hold(workdir):
-    if is_icl(load_run_config(workdir)):
+    if is_icl(run_config):
       rows = _icl_rows(workdir, step, "evaluate")
       return replace_rows(os.path.join(workdir, RESULTS), rows, stage="evaluate", checkpoint=None)
     config, opt, phi, at = load_learned(workdir, step)
@@ -155,11 +155,11 @@ def analyze(workdir: str, step: int | None = None, config=None, optimizer: str |
   ``config`` and ``optimizer``, on a hand-designed optimizer on that config's family."""
   from mesajax.analysis.suite import run_analyses
   if optimizer is None:
-    load_run_config(workdir)  # one line before taking the lock when DIR holds no run
+    run_config = load_run_config(workdir)  # one line before taking the lock when DIR holds no run
   else:
     rundir.check_workdir(workdir)
   with lock.hold(workdir):
-    if optimizer is None and is_icl(load_run_config(workdir)):
+    if optimizer is None and is_icl(run_config):
       rows = _icl_rows(workdir, step, "analyze")
       return replace_rows(os.path.join(workdir, RESULTS), rows, stage="analyze", checkpoint=None)
     if optimizer is None:
@@ -183,7 +183,8 @@ def analyze(workdir: str, step: int | None = None, config=None, optimizer: str |
         take = (lambda t: t) if s is None else (lambda t, s=s: jax.tree.map(lambda x: x[s], t))
         out = run_analyses(opt, take(phi), name, splits, config.analysis, int(config.seed),
                            null_phi=take(phi0))
-        rows += out if s is None else [dict(r, seed=s) for r in out]
+        # rows carry the member's own meta-training seed (config.seed + s)
+        rows += out if s is None else [dict(r, seed=int(config.seed) + s) for r in out]
     return replace_rows(os.path.join(workdir, RESULTS), rows, stage="analyze", checkpoint=at)
 
 

@@ -4,10 +4,11 @@ summary with seeds as the outer resampling level.
 A population (``meta.num_seeds`` = S > 1, ``mesajax.meta.outer``) is S independent meta-training
 runs. Member s is evaluated exactly like a single run (``evaluate.evaluate_all``; the tuned
 baselines and the oracle are evaluated once, they do not depend on the member) and its learned
-rows carry ``seed = s``. The summary rows (analysis ``eval_seeds``) answer the question a paper
-needs — how does *the method* do, over meta-training seeds and tasks — with a two-level
-(hierarchical) percentile bootstrap: resample the S seeds with replacement, then within each
-resampled seed the M tasks with replacement, and take the mean (Davison & Hinkley 1997, §3.8):
+rows carry ``seed`` = the member's meta-training seed (``config.seed + s``). The summary rows
+(analysis ``eval_seeds``) answer the question a paper needs — how does *the method* do, over
+meta-training seeds and tasks — with a two-level (hierarchical) percentile bootstrap: resample the
+S seeds with replacement, then within each resampled seed the M tasks with replacement, and take
+the mean (Davison & Hinkley 1997, §3.8):
 
   value = mean_s mean_m L[s, m],   CI = 2.5 / 97.5 percentiles of that mean over B resamples,
 
@@ -50,7 +51,7 @@ def evaluate_population(opt, phis_S: PyTree, name: str, splits, cfg_eval, seed: 
                                  return_curves=True)
   for r in rows:
     if r["optimizer"] == name:
-      r["seed"] = 0
+      r["seed"] = seed
   n_boot = int(cfg_eval.n_boot)
   for split in ev._as_split_list(splits):
     tasks = ev.split_tasks(split, cfg_eval, seed)["heldout"]
@@ -58,7 +59,7 @@ def evaluate_population(opt, phis_S: PyTree, name: str, splits, cfg_eval, seed: 
     for s in range(1, num_seeds):
       (r_s, c_s), = ev.evaluate_many([(opt, member(phis_S, s), name, "learned")], split, cfg_eval,
                                      seed, tasks)
-      rows += [dict(r, seed=s) for r in r_s]
+      rows += [dict(r, seed=seed + s) for r in r_s]
       per_seed.append(c_s)
     for metric in ("final_outer_loss", "mean_outer_loss"):
       x = np.stack([c[metric] for c in per_seed])

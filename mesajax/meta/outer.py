@@ -232,5 +232,10 @@ class MetaTrainer:
     score = jax.device_get(score)
     return state, (score.tolist() if self.population else float(score))
 
+  @staticmethod
+  def outer_step(state: MetaState) -> int:
+    """The outer step of ``state`` as an int (a population's members step together)."""
+    return int(jnp.max(jax.device_get(state.step)))
+
   def inner_steps_per_outer_step(self) -> int:
     return self.num_seeds * self.estimator.inner_steps_per_estimate()

@@ -107,7 +107,7 @@ def train(config, workdir: str, progress: bool = True, trainer: MetaTrainer | No
 def _train(config, workdir, progress, trainer, checkpoint_step):
   rundir.prepare(workdir, config)
   state = load_or_init(trainer, workdir, checkpoint_step)
-  start, total = int(state.step), int(config.meta.num_outer_steps)
+  start, total = trainer.outer_step(state), int(config.meta.num_outer_steps)
   moved = checkpoint.set_aside(workdir, start, reason=f"train resumed from step {start}")
   dropped = trim_metrics(workdir, start)
   if moved or dropped:
@@ -150,7 +150,7 @@ def _train(config, workdir, progress, trainer, checkpoint_step):
   if pending is not None:
     _report(pending, metrics_path, bar, t0, inner_per_outer, start)
   jax.block_until_ready(state)
-  step_now = int(state.step)
+  step_now = trainer.outer_step(state)
   if step_now != last_saved and (step_now > 0 or step_now == total):
     checkpoint.save(workdir, step_now, state, meta)
   signum = interrupt.pending()
