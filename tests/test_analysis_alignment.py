@@ -11,6 +11,14 @@ from mesajax.tasks.regression import LinearRegression
 
 
 def _gd_alignment(fam, steps=300, lr=0.3, seed=0):
+  # In float64: once GD has fitted the training rows (dim > n_train), the late updates are tiny and
+  # in float32 the late-phase ratio Σ⟨u, ∇L_outer⟩ / Σ⟨u, ∇L_train⟩ divides round-off by round-off
+  # (its sign then depends on the jax version and the device).
+  with jax.enable_x64(True):
+    return _gd_alignment64(fam, steps, lr, seed)
+
+
+def _gd_alignment64(fam, steps, lr, seed):
   task = fam.sample(jax.random.PRNGKey(seed))
   opt = SGD(learning_rate=lr)
   states, _ = run_trajectory(opt, opt.init_phi(None), FullBatch(fam), task,
@@ -32,7 +40,7 @@ def test_overfitting_gd_turns_against_the_outer_loss():
   fam = LinearRegression(dim=40, n_train=10, n_val=500, noise=1.0)
   out, outer = _gd_alignment(fam, steps=400, lr=0.05)
   np.testing.assert_allclose(out["cos_u_neg_train_grad"], 1.0, atol=1e-5)
-  assert out["descent_ratio"] > 0            # early steps help both losses
+  assert outer[1] < outer[0]                  # early steps help both losses
   assert out["descent_ratio_late"] < 0        # late steps climb the outer loss
   assert np.isfinite(out["divergence_step"]) and out["diverged"] == 1.0
   t = int(out["divergence_step"])
