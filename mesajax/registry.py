@@ -18,6 +18,7 @@ TASKS: dict[str, str] = {
     "digits": "mesajax.tasks.digits:Digits",
     "image_mlp": "mesajax.tasks.images:ImageMLP",
     "image_mlp_mixture": "mesajax.tasks.images:ImageMLPMixture",
+    "image_cnn": "mesajax.tasks.image_cnn:ImageCNN",
     "charlm": "mesajax.tasks.charlm:CharLM",
 }
 

@@ -108,6 +108,9 @@ class TaskFamily:
     unknown = sorted(set(overrides) - known)
     if unknown:
       raise ValueError(f"task family {self.name!r} has no knob(s) {unknown}; knobs: {sorted(known)}")
+    # Configs and JSON turn tuples into lists; knobs must stay hashable (the family is static
+    # under jit), as in ``registry.make_task_family``.
+    overrides = {k: tuple(v) if isinstance(v, list) else v for k, v in overrides.items()}
     out = dataclasses.replace(self, **overrides)
     out.check_finite()
     out.validate()

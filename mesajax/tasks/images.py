@@ -119,6 +119,11 @@ def standardize(x_train, x_val):
   return (x_train - mean) / std, (x_val - mean) / std
 
 
+def _check_depth(family) -> None:
+  check(is_int(family.depth) and family.depth >= 0,
+        f"{family.name}: depth must be an int >= 0, got {family.depth!r}")
+
+
 @dataclasses.dataclass(frozen=True)
 class _ImageFamily(ClassifierFamily):
   """Data knobs and per-task image sampling shared by the image families."""
@@ -129,7 +134,6 @@ class _ImageFamily(ClassifierFamily):
   data_dir: str | None = None
   source: str = "files"
   standardize: bool = True
-  depth: int = 1
   activation: str = "relu"
   n_train: int = 256
   n_val: int = 512
@@ -147,8 +151,6 @@ class _ImageFamily(ClassifierFamily):
       raise ValueError(f"{n}: {e}") from None
     check(isinstance(self.standardize, bool),
           f"{n}: standardize must be True or False, got {self.standardize!r}")
-    check(is_int(self.depth) and self.depth >= 0,
-          f"{n}: depth must be an int >= 0, got {self.depth!r}")
     self._validate_common()
     ds = self.data()  # fails early (one line) when files are missing
     n_pool = len(ds.x_train)
@@ -195,6 +197,7 @@ class ImageMLP(_ImageFamily):
 
   image_size: int | None = None
   width: int = 32
+  depth: int = 1
 
   test_kwargs = {"n_train": 48, "n_val": 64, "batch_size": 16, "width": 8}
   test_shift = {"image_size": 6, "standardize": False, "width": 5, "depth": 2,
@@ -231,6 +234,7 @@ class ImageMLP(_ImageFamily):
           f"{n}: image_size must be None or an int >= 2, got {self.image_size!r}")
     check(is_int(self.width) and self.width >= 1,
           f"{n}: width must be an int >= 1, got {self.width!r}")
+    _check_depth(self)
     self._validate_data()
 
   def sample(self, key):
@@ -250,6 +254,7 @@ class ImageMLPMixture(_ImageFamily):
   widths: tuple = (16, 32, 64)
   image_sizes: tuple = (4, 6, 8)
   grad_scale: float = 10.0
+  depth: int = 1
 
   test_kwargs = {"n_train": 48, "n_val": 64, "batch_size": 16, "widths": (4, 8)}
   test_shift = {"widths": (3, 5), "image_sizes": (4,), "grad_scale": 1.0, "standardize": False,
@@ -279,6 +284,7 @@ class ImageMLPMixture(_ImageFamily):
             f"{n}: {knob} must be a non-empty tuple of ints >= {low}, got {v!r}")
     check(isinstance(self.grad_scale, (int, float)) and not isinstance(self.grad_scale, bool)
           and self.grad_scale >= 1.0, f"{n}: grad_scale must be >= 1, got {self.grad_scale!r}")
+    _check_depth(self)
     self._validate_data()
 
   def sample(self, key):
