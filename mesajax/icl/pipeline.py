@@ -186,17 +186,24 @@ def evaluate_state(config, trainer, state, workdir=".") -> list[dict]:
           rows += _rows_for(split, label, name, metric, arr, n_boot, reason, **common)
       for who, spd in res["spd_grid"].items():
         label = base_who if who == "model" else who
-        v, lo, hi, per_seed, edge = A.lambda_hat(spd, lam_L, n_boot=n_boot, seed=seed)
-        extra = dict(common, lambda_star=lam_star, at_grid_edge=bool(edge), reference="ridge")
-        rows.append(make_row("icl", split, label, "lambda_hat", v, lo, hi, int(np.prod(spd.shape[:2])),
-                             seed=None, **extra))
+        lh = A.lambda_hat(spd, lam_L, n_boot=n_boot, seed=seed)
+        extra = dict(common, lambda_star=lam_star, at_grid_edge=bool(lh.at_edge), reference="ridge")
+        if lh.undefined:
+          extra["undefined"] = lh.undefined
+        rows.append(make_row("icl", split, label, "lambda_hat", lh.value, lh.lo, lh.hi,
+                             int(np.prod(spd.shape[:2])), seed=None, **extra))
         if spd.shape[0] > 1:
-          for s, lam in enumerate(per_seed):
+          for s, lam in enumerate(lh.per_seed):
+            ex = dict(extra)
+            ex.pop("undefined", None)
+            if lam is None:
+              ex["undefined"] = "this seed's SPD(model, ridge_λ) is flat in λ"
             rows.append(make_row("icl", split, label, "lambda_hat", lam, None, None,
-                                 spd.shape[1], seed=s, **extra))
+                                 spd.shape[1], seed=s, **ex))
         curve = spd.mean(axis=(0, 1))
+        ex = {k: v for k, v in extra.items() if k != "undefined"}
         rows.append(make_row("icl", split, label, "spd_min", float(curve.min()), n=None,
-                             seed=None, **extra))
+                             seed=None, spd_range=float(curve.max() - curve.min()), **ex))
     rows.append(make_row("icl", split, "bayes", "lambda_star", lam_star, n=None,
                          lambda_star_train=info["lambda_star_train"], **common))
   return rows
