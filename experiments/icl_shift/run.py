@@ -10,7 +10,6 @@ on a 2-core CPU; ``--quick``: the LSA only, 2 seeds, 500 steps, four shifts.
 """
 from __future__ import annotations
 
-import argparse
 import copy
 import os
 import sys
@@ -21,9 +20,10 @@ import ml_collections  # noqa: E402
 
 from configs.icl_shift import get_config  # noqa: E402
 from mesajax.icl import report  # noqa: E402
-from mesajax.icl.experiment import run_all, timing_table  # noqa: E402
+from mesajax.icl.experiment import main, timing_table, write_markdown  # noqa: E402
 
 QUICK_SHIFTS = ("noise_x2", "input_scale_x3", "query_orthogonal", "query_in_context")
+GPT_WIDTH, GPT_SEEDS, GPT_BATCH, GPT_STEPS, GPT_EVAL_TASKS = 32, 2, 128, 1500, 256
 
 
 def configs(quick: bool) -> dict:
@@ -41,7 +41,24 @@ def configs(quick: bool) -> dict:
   mesa.icl.model = "mesa"
   mesa.icl.model_kwargs = ml_collections.ConfigDict({"init_scale": 1.0, "init_log_lam": 0.0})
   mesa.icl.lr = 3e-3
-  return {"lsa2": base, "mesa": mesa}
+  return {"lsa2": base, "mesa": mesa, "gpt": gpt_config(base)}
+
+
+def gpt_config(base):
+  """A small causal softmax transformer (Garg et al. 2022's model family, much smaller): trained
+  to predict every context label from its prefix and the query label; max_len covers the longest
+  shifted context (``context_x2``: N = 24)."""
+  gpt = copy.deepcopy(base)
+  gpt.name = "icl_shift_gpt"
+  gpt.icl.model = "gpt"
+  gpt.icl.model_kwargs = ml_collections.ConfigDict(
+      {"num_layers": 2, "num_heads": 2, "width": GPT_WIDTH, "max_len": 2 * base.icl.task.N})
+  gpt.icl.lr = 1e-3
+  gpt.icl.num_seeds = GPT_SEEDS
+  gpt.icl.batch_size = GPT_BATCH
+  gpt.icl.num_steps = gpt.icl.decay_steps = GPT_STEPS
+  gpt.icl.eval.num_tasks = GPT_EVAL_TASKS
+  return gpt
 
 
 def shift_table(rows, run: str) -> str:
@@ -61,36 +78,33 @@ def shift_table(rows, run: str) -> str:
                    else (f"undefined ({r['undefined']})" if r else "–"))
     lam = report._find(rr, s, name, "lambda_hat", "ridge")
     star = report._find(rr, s, "bayes", "lambda_star")
-    cells += [report.fmt_ci(lam) + (" (grid edge)" if lam and lam.get("at_grid_edge") else ""),
+    cells += [(report.fmt_ci(lam) if lam is None or lam["value"] is not None else "undefined (flat SPD)")
+              + (" (grid edge)" if lam and lam.get("at_grid_edge") else ""),
               report.fmt(star["value"]) if star else "–"]
     out.append("| " + " | ".join(cells) + " |")
   return "\n".join(out)
 
 
-def main(argv=None):
-  ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-  ap.add_argument("--workdir", required=True)
-  ap.add_argument("--quick", action="store_true")
-  args = ap.parse_args(argv)
-  rows, times = run_all(configs(args.quick), args.workdir)
-  write_readme(args.workdir, rows, times, args.quick)
-
-
 def write_readme(workdir, rows, times, quick):
-  figs = report.make_figures([r for r in rows if r["run"] == "lsa2"],
-                             os.path.join(workdir, "figures"))
+  runs = report.ordered_unique(r["run"] for r in rows)
+  figs = []
+  for run in runs:
+    figs += report.make_figures([r for r in rows if r["run"] == run],
+                                os.path.join(workdir, "figures", run))
+  undefined = sorted({r["undefined"] for r in rows if r["metric"] == "lambda_hat"
+                      and r.get("seed") is None and r["value"] is None})
   parts = [f"# icl_shift results{' (--quick)' if quick else ''}", "",
            "Query loss ½(ŷ − y)², mean over tasks and seeds; references fitted on the training "
            "distribution and held fixed under shift, like the models. λ̂ with a 95% bootstrap CI "
-           "over (seed, task) pairs.", ""]
-  for run in sorted({r["run"] for r in rows}):
+           "over (seed, task) pairs; \"undefined (flat SPD)\" where SPD(model, ridge_λ) is flat in "
+           "λ (reason in the rows: " + ("; ".join(undefined) if undefined else "none here") + ").",
+           ""]
+  for run in runs:
     parts += [f"## {run}", "", shift_table(rows, run), ""]
   parts += ["## Timing", "", timing_table(times), "",
             "Figures: " + ", ".join(os.path.relpath(f, workdir) for f in figs), ""]
-  with open(os.path.join(workdir, "README.md"), "w") as f:
-    f.write("\n".join(parts))
-  print("\n".join(parts))
+  write_markdown(workdir, parts)
 
 
 if __name__ == "__main__":
-  main()
+  main(__doc__, configs, write_readme)
