@@ -120,16 +120,19 @@ def evaluate(workdir: str, step: int | None = None) -> list[dict]:
 
 
 def _models(config, trainer, state, workdir):
-  """``{who: (trainer, params_S, variants)}`` for the model and its nulls."""
+  """``{who: (trainer, params_S, variants)}`` for the model and its nulls. Parameters are handed
+  to the evaluator as host arrays: restored and freshly initialised device arrays differ in
+  placement (committed or not), which made the jitted evaluator compile twice per split."""
+  host = lambda p: jax.tree.map(np.asarray, p)
   nulls = tuple(config.icl.eval.nulls)
   variants = {"shuffled_context": A.rolled} if "shuffled_context" in nulls else {}
-  out = {config.name: (trainer, state.params, variants)}
+  out = {config.name: (trainer, host(state.params), variants)}
   if "untrained" in nulls:
-    out["untrained"] = (trainer, trainer.init().params, {})
+    out["untrained"] = (trainer, host(trainer.init().params), {})
   path = os.path.join(workdir, SINGLE_TASK_DIR)
   if "single_task" in nulls:
     _, t1, s1 = T.load(path)
-    out["single_task"] = (t1, s1.params, {})
+    out["single_task"] = (t1, host(s1.params), {})
   return out
 
 
