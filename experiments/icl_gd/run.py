@@ -8,12 +8,15 @@
    sensitivity cosine ≥ 0.99, for every seed. Nulls: untrained, shuffled context, trained on a
    single fixed task.
 2. Two- and three-layer LSA (3 seeds each) against K-step GD (one line-searched step size) and
-   GD++ (per-step η_k, γ_k fitted), K = layers.
+   GD++ (per-step η_k, γ_k fitted), K = layers, with linear probes per layer (``mesajax.icl.probes``:
+   held-out R² and a shuffled-target control) for Xᵀy, the ridge/OLS weights, the preconditioned
+   query and the scalar predictions of GD, ridge and OLS.
 
-Writes ``DIR/results.jsonl`` (tidy rows), ``DIR/README.md`` (tables, the claim checked per seed) and
-``DIR/figures/*.png``. Full size: about 6-9 minutes on a 2-core CPU; ``--quick``: the one-layer
-model only, 2 seeds, 500 steps (well under a minute of training; the claim is not expected to hold
-at that size).
+Writes ``DIR/results.jsonl`` (tidy rows), ``DIR/times.json``, ``DIR/README.md`` (tables, the claim
+checked per seed) and ``DIR/figures/*.png``. Runtime: the Timing table of
+experiments/icl_gd/README.md (measured, with the load average of the shared 2-core machine);
+``--quick`` (CI): the one-layer model only, 2 seeds, 500 steps, 256 evaluation tasks, its layer
+probes (the claim is not expected to hold at that size).
 """
 from __future__ import annotations
 
@@ -71,8 +74,9 @@ def claim(rows, name: str, ref: str = "gd_1") -> tuple[str, bool]:
 
 
 def probe_runs(quick: bool):
-  """Layer probes for the deeper LSA (von Oswald et al. 2023b; Akyürek et al. 2022)."""
-  return () if quick else ("lsa2", "lsa3")
+  """Layer probes for the deeper LSA (von Oswald et al. 2023b; Akyürek et al. 2022); the quick
+  size probes its one-layer model (the GD prediction x_qᵀXᵀy/N should be readable at layer 1)."""
+  return ("lsa1",) if quick else ("lsa2", "lsa3")
 
 
 def write_readme(workdir, rows, times, quick):
@@ -95,7 +99,7 @@ def write_readme(workdir, rows, times, quick):
             for r in fitted]
   probe_rows = [r for r in rows if r.get("analysis") == "icl_probe"]
   if probe_rows:
-    parts += ["", "## Linear probes per layer (deeper LSA)", "",
+    parts += ["", "## Linear probes per layer", "",
               "Ridge probe from the query token after each layer (layer 0 = the input token) to "
               "each target; R² on held-out tasks (half of `probe_tasks`), mean over seeds [95% "
               "bootstrap CI over seeds]; control: the same probe fitted on targets shuffled across "

@@ -2,11 +2,17 @@
 
   python experiments/icl_shift/run.py --workdir runs/icl_shift [--quick]
 
-Trains a two-layer LSA (3 seeds) and a mesa-layer (3 seeds) on noisy regression
-(``configs/icl_shift.py``) and evaluates both on every shift of ``mesajax.icl.shifts``: query loss
-of the model, its nulls and every reference per shift, and λ̂ per shift beside the split's λ*.
-Writes ``DIR/results.jsonl``, ``DIR/README.md`` and ``DIR/figures/``. Full size: about 6-9 minutes
-on a 2-core CPU; ``--quick``: the LSA only, 2 seeds, 500 steps, four shifts.
+Trains, on noisy regression (``configs/icl_shift.py``: x ~ N(0, I), w ~ N(0, I), σ = 0.5, d = 8,
+N = 12), a two-layer LSA (3 seeds, 3000 steps), a mesa-layer (3 seeds, 3000 steps) and a small
+GPT-style causal transformer (2 layers, width 32, 2 seeds, 1500 steps of batch 128) and evaluates
+each on every shift of ``mesajax.icl.shifts``: query loss of the model, its nulls (untrained,
+shuffled context) and every reference (GD, 2-step GD, 2-step GD++, Bayes ridge, OLS) per shift, and
+λ̂ per shift beside the split's λ* ("undefined" where the SPD curve is flat in λ).
+Writes ``DIR/results.jsonl``, ``DIR/times.json``, ``DIR/README.md`` and ``DIR/figures/<run>/``.
+
+Runtime: see the Timing table of experiments/icl_shift/README.md (measured, with the load average
+of the shared 2-core machine it ran on). ``--quick`` (CI): the LSA only, 2 seeds, 500 steps, four
+shifts, 128 evaluation tasks.
 """
 from __future__ import annotations
 

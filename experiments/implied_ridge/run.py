@@ -9,8 +9,9 @@ on the training distribution and when only the test noise changes (σ_test ∈ {
 Claims checked from the rows: λ̂ is within one grid step (a factor 10^0.1) of the training λ*;
 and whether λ̂ follows the test λ* when only the test noise moves.
 
-Writes ``DIR/results.jsonl``, ``DIR/README.md`` and ``DIR/figures/``. Full size: about 5-8 minutes
-on a 2-core CPU; ``--quick``: one mesa run, 2 seeds, 500 steps, two shifts.
+Writes ``DIR/results.jsonl``, ``DIR/times.json``, ``DIR/README.md`` and ``DIR/figures/``. Runtime:
+the Timing table of experiments/implied_ridge/README.md (measured, with the machine's load);
+``--quick`` (CI): one mesa run, 2 seeds, 500 steps, two shifts.
 """
 from __future__ import annotations
 
