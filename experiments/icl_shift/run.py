@@ -29,6 +29,7 @@ from mesajax.icl import report  # noqa: E402
 from mesajax.icl.experiment import main, timing_table, write_markdown  # noqa: E402
 
 QUICK_SHIFTS = ("noise_x2", "input_scale_x3", "query_orthogonal", "query_in_context")
+NULLS = ("untrained", "shuffled_context")
 GPT_WIDTH, GPT_SEEDS, GPT_BATCH, GPT_STEPS, GPT_EVAL_TASKS = 32, 2, 128, 1500, 256
 
 
@@ -97,14 +98,16 @@ def write_readme(workdir, rows, times, quick):
   for run in runs:
     figs += report.make_figures([r for r in rows if r["run"] == run],
                                 os.path.join(workdir, "figures", run))
-  undefined = sorted({r["undefined"] for r in rows if r["metric"] == "lambda_hat"
-                      and r.get("seed") is None and r["value"] is None})
+  undefined = report.ordered_unique(
+      f"{r['split']} ({r['run']})" for r in rows if r["metric"] == "lambda_hat"
+      and r.get("seed") is None and r["value"] is None and r["optimizer"] not in NULLS)
   parts = [f"# icl_shift results{' (--quick)' if quick else ''}", "",
            "Query loss ½(ŷ − y)², mean over tasks and seeds; references fitted on the training "
            "distribution and held fixed under shift, like the models. λ̂ with a 95% bootstrap CI "
-           "over (seed, task) pairs; \"undefined (flat SPD)\" where SPD(model, ridge_λ) is flat in "
-           "λ (reason in the rows: " + ("; ".join(undefined) if undefined else "none here") + ").",
-           ""]
+           "over (seed, task) pairs; \"undefined (flat SPD)\" where SPD(model, ridge_λ) varies "
+           "over the λ grid by at most 10⁻³ of its maximum, so no ridge_λ is measurably closer to "
+           "the model (all ridges predict alike, or the model is far from every one): " +
+           (", ".join(undefined) if undefined else "none") + ".", ""]
   for run in runs:
     parts += [f"## {run}", "", shift_table(rows, run), ""]
   parts += ["## Timing", "", timing_table(times), "",

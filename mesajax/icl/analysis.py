@@ -183,8 +183,9 @@ def lambda_hat(spd_SxTxL: np.ndarray, lam_L: np.ndarray, n_boot: int = 1000, see
   if spd_flat(curve, rtol):
     rel = (curve.max() - curve.min()) / curve.max() if curve.max() > 0 else 0.0
     return LambdaHat(None, None, None, per_seed, False,
-                     f"SPD(model, ridge_λ) is flat in λ (range/max = {rel:.1e} <= {rtol:g}): "
-                     f"every ridge_λ predicts the same here")
+                     f"SPD(model, ridge_λ) is flat in λ (range/max = {rel:.1e} <= {rtol:g}): no "
+                     f"ridge_λ is measurably closer to the model than another (all ridges "
+                     f"predict alike here, or the model is far from every one)")
   rng = np.random.default_rng(seed)
   idx = rng.integers(0, flat.shape[0], size=(n_boot, flat.shape[0]))
   # Sum of resampled rows via counts (one matrix product).
