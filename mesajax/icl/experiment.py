@@ -61,9 +61,10 @@ def timing_table(times: dict) -> str:
   """Markdown: train and evaluate seconds per run with the load average around it."""
   fmt = lambda v: "–" if v is None else f"{v:.1f}"
   out = ["| run | train s | evaluate s | load avg (1 min) at start → end |", "|---|---|---|---|"]
-  out += [f"| {k} | {t['train_s']:.0f} | {t['evaluate_s']:.0f} | "
+  sec = lambda v: "– (not in this run)" if v is None else f"{v:.0f}"
+  out += [f"| {k} | {sec(t['train_s'])} | {sec(t['evaluate_s'])} | "
           f"{fmt(t['load_start'])} → {fmt(t['load_end'])} |" for k, t in times.items()]
-  total = sum(t["train_s"] + t["evaluate_s"] for t in times.values())
+  total = sum((t["train_s"] or 0) + (t["evaluate_s"] or 0) for t in times.values())
   out.append(f"| total | {total:.0f} s (train + evaluate) | | |")
   return "\n".join(out)
 
