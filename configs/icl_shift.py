@@ -8,7 +8,8 @@ Launch:
   python experiments/icl_shift/run.py --workdir runs/icl_shift
   or, once wired:  python run.py --config configs/icl_shift.py --workdir runs/icl_shift
 Measured runtime (shared 2-core CPU, never idle): this config (the LSA) trained 3000 steps in
-128 s at load ~10 and in about 18 minutes at load 20-31 with nice 10; the experiment's README has
+128 s at load ~10 and in 947 s at load 16-24 with nice 10 (then evaluated in 1544 s); the
+experiment README has
 the Timing table of its last full run. ``experiments/icl_shift/run.py --quick``: 467 s wall at load
 21-26 (no idle-machine measurement yet).
 CI size: ``--config configs/icl_shift.py:smoke``.
