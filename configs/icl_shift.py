@@ -1,12 +1,17 @@
 """The ICL shift suite (Garg et al. 2022, §4): a two-layer, two-head LSA and a mesa-layer trained
 on noisy regression (x ~ N(0, I), w ~ N(0, I), σ = 0.5, d = 8, N = 12), each evaluated on every
-shift of ``mesajax.icl.shifts.suite`` beside every reference (one GD step, 2-step GD,
-Bayes ridge, OLS), with the move of λ̂ per shift.
+shift of ``mesajax.icl.shifts.suite`` beside every reference (one GD step, 2-step GD, 2-step
+GD++, Bayes ridge, OLS), with the move of λ̂ per shift. (The experiment adds a small GPT-style
+transformer; see ``experiments/icl_shift/run.py``.)
 
 Launch:
   python experiments/icl_shift/run.py --workdir runs/icl_shift
   or, once wired:  python run.py --config configs/icl_shift.py --workdir runs/icl_shift
-Expected runtime: about 2-4 minutes for this config (the LSA) on a 2-core CPU.
+Measured runtime (shared 2-core CPU, never idle): this config (the LSA) trained 3000 steps in
+128 s at load ~10 and in 947 s at load 16-24 with nice 10 (then evaluated in 1544 s); the
+experiment README has
+the Timing table of its last full run. ``experiments/icl_shift/run.py --quick``: 467 s wall at load
+21-26 (no idle-machine measurement yet).
 CI size: ``--config configs/icl_shift.py:smoke``.
 """
 import ml_collections
@@ -33,7 +38,7 @@ def get_config(arg=None) -> ml_collections.ConfigDict:
   c.icl.eval.num_tasks = 512
   c.icl.eval.num_queries = 16
   c.icl.eval.gd_steps = 2
-  c.icl.eval.gdpp_iters = 0     # GD++ omitted here: its evaluator hung XLA:CPU with this config (see README)
+  c.icl.eval.gdpp_iters = 300   # GD++ (2 steps) fitted by Adam
   c.icl.eval.nulls = ("untrained", "shuffled_context")
   c.shifts = ml_collections.ConfigDict(suite(c.icl.task.to_dict()))
   return shrink(c, arg)

@@ -27,10 +27,10 @@ def test_lambda_hat_recovers_planted_ridge_and_self_agreement(tasks):
           "zero": lambda x, y, q: jnp.zeros(q.shape[0])}
   res = A.evaluate_models(model_fn, jnp.asarray(planted), refs, tasks, lam_L,
                           {"shuffled": A.rolled})
-  _, _, _, per_seed, edge = A.lambda_hat(res["spd_grid"]["model"], lam_L, n_boot=50)
-  for got, want in zip(per_seed, planted):
+  lh = A.lambda_hat(res["spd_grid"]["model"], lam_L, n_boot=50)
+  for got, want in zip(lh.per_seed, planted):
     assert abs(np.log10(got / want)) <= 0.05 + 1e-9  # the nearest grid point
-  assert not edge
+  assert not lh.at_edge and lh.undefined is None
   same = res["pairs"]["model|ridge_0.25"]
   np.testing.assert_allclose(same["sens_cos"][0], 1.0, atol=1e-5)
   np.testing.assert_allclose(same["spd"][0], 0.0, atol=1e-8)
@@ -40,6 +40,24 @@ def test_lambda_hat_recovers_planted_ridge_and_self_agreement(tasks):
   assert np.all(np.isnan(res["pairs"]["model|zero"]["sens_cos"]))
   # The shuffled-context null loses the ridge model's accuracy.
   assert res["loss"]["shuffled"][0].mean() > 2 * res["loss"]["model"][0].mean()
+
+
+def test_lambda_hat_undefined_when_spd_is_flat_in_lambda():
+  """Queries orthogonal to the context: every ridge_λ predicts 0, so SPD(model, ridge_λ) is the
+  same for every λ and λ̂ is undefined with a reason, not an arbitrary argmin; a curve with a
+  clear minimum (ridge at λ = 0.25 as the model, same tasks' shapes) stays defined."""
+  fam = data.ICLRegression(d=6, N=3, sigma=0.5, inputs="normal", query="orthogonal")
+  orth = jax.jit(lambda k: fam.sample_batch(k, 64, 6))(jax.random.PRNGKey(1))
+  lam_L = R.ridge_grid(1e-3, 1e3, 31)
+  gd = lambda p, x, y, q: R.gd_predict(x, y, q, p, 1) + q[:, 0]  # nonzero predictions, any λ
+  res = A.evaluate_models(gd, jnp.asarray([0.5, 1.0]), {}, orth, lam_L)
+  lh = A.lambda_hat(res["spd_grid"]["model"], lam_L, n_boot=50)
+  assert lh.value is None and lh.lo is None and "flat" in lh.undefined
+  assert lh.per_seed == [None, None]
+  assert A.spd_flat(np.zeros(5)) and not A.spd_flat(np.array([1.0, 0.5, 1.0]))
+  # The tolerance is relative: a curve varying by 1% of its scale is not flat at 1e-3.
+  assert not A.spd_flat(1e-9 * np.array([1.0, 0.99, 1.0]))
+  assert A.spd_flat(5.0 + 1e-6 * np.arange(4))
 
 
 def test_undefined_rows_carry_a_reason():
@@ -121,3 +139,21 @@ def test_gpt_is_causal_and_shapes():
   pred2, _ = run(p, y.at[3].set(10.0))  # changing y₃ leaves the predictions of y₀..y₃ unchanged
   np.testing.assert_allclose(pred[:4], pred2[:4], atol=1e-6)
   assert not np.allclose(pred[4:], pred2[4:])
+
+
+def test_icl_programs_hold_no_lapack_calls():
+  """Batched LAPACK custom calls deadlock XLA:CPU in jaxlib 0.10 when as many run at once as the
+  intra-op pool has threads (``mesajax.icl.linalg``); the evaluator of a mesa-layer (linear algebra
+  in the model and in the ridge/OLS references) must lower without any."""
+  from flax import nnx
+  from mesajax.icl import models
+  g, p = nnx.split(models.make_model("mesa", 3, {}, jax.random.PRNGKey(0)))
+  fam = data.ICLRegression(d=3, N=2, sigma=0.5, inputs="normal", query="orthogonal")
+  tasks = jax.jit(lambda k: fam.sample_batch(k, 4, 4))(jax.random.PRNGKey(0))
+  params = jax.tree.map(lambda a: jnp.stack([a, a]), p.to_pure_dict())
+  refs = {"ridge": lambda x, y, q: R.ridge_predict(x, y, q, 0.5), "ols": R.ols_predict}
+  ev = A.make_evaluator(lambda pp, x, y, q: nnx.merge(g, pp)(x, y, q), refs,
+                        R.ridge_grid(1e-3, 1e3, 5), {"shuffled": A.rolled})
+  text = ev.run.lower(params, tasks).as_text() + jax.jit(
+      lambda k: fam.sample_batch(k, 4, 4)).lower(jax.random.PRNGKey(0)).as_text()
+  assert "custom_call" not in text or "lapack" not in text.lower()

@@ -205,3 +205,44 @@ def test_task_family_knobs():
   np.testing.assert_allclose(pos["y_N"], np.einsum("bnd,bd->bn", pos["x_NxD"], pos["w_D"]), atol=1e-5)
   with pytest.raises(ValueError, match="N < d"):
     data.ICLRegression(d=4, N=4, query="orthogonal").validate()
+
+
+def test_plain_xla_linalg_matches_float64_and_lapack_gradients():
+  """``icl.linalg`` (used instead of LAPACK, see its docstring): lstsq against float64 numpy on a
+  tall, a square and a wide system (minimum norm at λ = 0), and spd_solve's gradient through a
+  symmetric G = KᵀK + λI against jnp.linalg.solve's."""
+  from mesajax.icl import linalg as L
+  rng = np.random.default_rng(5)
+  f32 = lambda a: jnp.asarray(a, jnp.float32)
+  fit = jax.jit(L.lstsq)
+  for m, n in [(12, 6), (7, 7), (3, 6)]:
+    a, b = rng.standard_normal((m, n)), rng.standard_normal((m, 2))
+    for lam in (0.0, 0.3):
+      want = np.linalg.pinv(a) @ b if lam == 0 else np.linalg.solve(a.T @ a + lam * np.eye(n), a.T @ b)
+      np.testing.assert_allclose(fit(f32(a), f32(b), lam), want, rtol=2e-4, atol=2e-4 * np.abs(want).max())
+  k, q = f32(rng.standard_normal((9, 5))), f32(rng.standard_normal(5))
+  loss = lambda solve: lambda k: jnp.sum(solve(k.T @ k + 0.1 * jnp.eye(5), q) ** 2)
+  np.testing.assert_allclose(jax.jit(jax.grad(loss(L.spd_solve)))(k),
+                             jax.grad(loss(jnp.linalg.solve))(k), rtol=1e-3, atol=1e-4)
+
+
+def test_probe_reads_the_gd_prediction_from_the_hand_constructed_lsa():
+  """Known answer for the layer probes: after von Oswald's one-GD-step layer the query token's
+  y-entry is −(η/N) x_qᵀXᵀy, so the probe for ``xty_q`` has held-out R² ≈ 1 at layer 1 and not at
+  layer 0 (the input token (x_q, 0)); the shuffled-target control fails at both."""
+  from flax import nnx
+  from mesajax.icl import probes
+  d, n, eta = 4, 6, 0.9
+  fam = data.ICLRegression(d=d, N=n, inputs="normal")
+  g, _ = nnx.split(models.make_model("lsa", d, {"num_layers": 1}, jax.random.PRNGKey(0)))
+  p = models.lsa_gd_params(d, n, eta)
+  @jax.jit
+  def run(key):
+    tasks = fam.sample_batch(key, 400, 1)
+    h = jax.vmap(lambda t: nnx.merge(g, p).hidden(t["x_NxD"], t["y_N"], t["xq_MxD"])[:, 0])(tasks)
+    return h, jax.vmap(lambda t: probes.targets(t, 0.0)["xty_q"])(tasks)
+  h_TxLxF, tgt = jax.device_get(run(jax.random.PRNGKey(3)))
+  r2_0, ctrl_0 = probes.probe(h_TxLxF[:, 0], tgt)
+  r2_1, ctrl_1 = probes.probe(h_TxLxF[:, 1], tgt)
+  assert r2_1 > 0.99 and r2_0 < 0.2
+  assert ctrl_0 < 0.1 and ctrl_1 < 0.1

@@ -9,12 +9,12 @@ on the training distribution and when only the test noise changes (σ_test ∈ {
 Claims checked from the rows: λ̂ is within one grid step (a factor 10^0.1) of the training λ*;
 and whether λ̂ follows the test λ* when only the test noise moves.
 
-Writes ``DIR/results.jsonl``, ``DIR/README.md`` and ``DIR/figures/``. Full size: about 5-8 minutes
-on a 2-core CPU; ``--quick``: one mesa run, 2 seeds, 500 steps, two shifts.
+Writes ``DIR/results.jsonl``, ``DIR/times.json``, ``DIR/README.md`` and ``DIR/figures/``. Runtime:
+the Timing table of experiments/implied_ridge/README.md (measured, with the machine's load);
+``--quick`` (CI): one mesa run, 2 seeds, 500 steps, two shifts.
 """
 from __future__ import annotations
 
-import argparse
 import copy
 import math
 import os
@@ -26,7 +26,7 @@ import ml_collections  # noqa: E402
 
 from configs.implied_ridge import get_config  # noqa: E402
 from mesajax.icl import report  # noqa: E402
-from mesajax.icl.experiment import run_all, timing_table  # noqa: E402
+from mesajax.icl.experiment import main, timing_table, write_markdown  # noqa: E402
 
 
 def configs(quick: bool) -> dict:
@@ -62,27 +62,19 @@ def claims(rows) -> list[str]:
     if r["split"] != "train":
       continue
     star = r["lambda_star"]
-    ok = r["value"] and star and abs(math.log10(r["value"] / star)) <= 0.1 + 1e-9
+    ok = r["value"] is not None and star and abs(math.log10(r["value"] / star)) <= 0.1 + 1e-9
     out.append(f"- `{r['run']}`: λ̂ = {report.fmt_ci(r)} vs training λ* = {star:g}: "
                f"{'within one grid step (×10^±0.1)' if ok else 'NOT within one grid step'}.")
     moved = [x for x in lam if x["run"] == r["run"] and x["split"] != "train"]
     for x in moved:
       follows = x["lambda_star"] > 0 and x["value"] and \
           abs(math.log10(x["value"] / x["lambda_star"])) <= 0.1 + 1e-9
-      stays = abs(math.log10(x["value"] / r["value"])) <= 0.1 + 1e-9 if x["value"] else False
+      stays = abs(math.log10(x["value"] / r["value"])) <= 0.1 + 1e-9 \
+          if x["value"] and r["value"] else False
       verdict = "follows the new λ*" if follows else ("stays at the training λ̂" if stays
                                                        else "moves, but not to the new λ*")
       out.append(f"  - `{x['split']}` (λ* = {x['lambda_star']:g}): λ̂ = {report.fmt_ci(x)} — {verdict}.")
   return out
-
-
-def main(argv=None):
-  ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-  ap.add_argument("--workdir", required=True)
-  ap.add_argument("--quick", action="store_true")
-  args = ap.parse_args(argv)
-  rows, times = run_all(configs(args.quick), args.workdir)
-  write_readme(args.workdir, rows, times, args.quick)
 
 
 def write_readme(workdir, rows, times, quick):
@@ -97,10 +89,8 @@ def write_readme(workdir, rows, times, quick):
               report.comparison_table([r for r in rows if r["run"] == run], "train"), ""]
   parts += ["## Timing", "", timing_table(times), "",
             "Figures: " + ", ".join(os.path.relpath(f, workdir) for f in figs), ""]
-  with open(os.path.join(workdir, "README.md"), "w") as f:
-    f.write("\n".join(parts))
-  print("\n".join(parts))
+  write_markdown(workdir, parts)
 
 
 if __name__ == "__main__":
-  main()
+  main(__doc__, configs, write_readme)

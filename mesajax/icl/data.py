@@ -37,6 +37,8 @@ import jax
 import jax.numpy as jnp
 from jax.scipy.special import ndtr
 
+from mesajax.icl.linalg import lstsq
+
 
 INPUTS = ("uniform", "normal")
 WEIGHTS = ("gaussian", "sparse")
@@ -155,7 +157,7 @@ class ICLRegression:
       xq_MxD = x_NxD[jnp.arange(m) % n]
     elif self.query == "orthogonal":
       # Projector onto the orthogonal complement of span{x_i}: I − X⁺X.
-      proj_DxD = jnp.eye(d) - jnp.linalg.pinv(x_NxD) @ x_NxD
+      proj_DxD = jnp.eye(d) - lstsq(x_NxD, jnp.eye(n, dtype=x_NxD.dtype)) @ x_NxD
       xq_MxD = xq_MxD @ proj_DxD.T
     y_N = x_NxD @ w_D + self.sigma * e_N
     yq_M = xq_MxD @ w_D + self.sigma * e_M

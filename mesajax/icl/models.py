@@ -37,6 +37,8 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from mesajax.icl.linalg import spd_solve
+
 
 def _tokens(x_NxD, y_N, xq_MxD):
   ctx_NxE = jnp.concatenate([x_NxD, y_N[:, None]], axis=1)
@@ -123,7 +125,7 @@ class MesaLayer(nnx.Module):
     e = k_NxE.shape[1]
     gram_ExE = k_NxE.T @ k_NxE + jnp.exp(self.log_lam[...]) * jnp.eye(e)
     # Ŵ q = Vᵀ K (KᵀK + λI)⁻¹ q, solved for all queries at once.
-    z_ExM = jnp.linalg.solve(gram_ExE, q_MxE.T)
+    z_ExM = spd_solve(gram_ExE, q_MxE.T)  # plain XLA Cholesky, not LAPACK (``icl.linalg``)
     out_MxE = qry + ((v_NxE.T @ (k_NxE @ z_ExM)).T) @ self.proj[...].T
     return jnp.stack([qry, out_MxE])
 

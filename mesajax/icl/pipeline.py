@@ -120,16 +120,19 @@ def evaluate(workdir: str, step: int | None = None) -> list[dict]:
 
 
 def _models(config, trainer, state, workdir):
-  """``{who: (trainer, params_S, variants)}`` for the model and its nulls."""
+  """``{who: (trainer, params_S, variants)}`` for the model and its nulls. Parameters are handed
+  to the evaluator as host arrays: restored and freshly initialised device arrays differ in
+  placement (committed or not), which made the jitted evaluator compile twice per split."""
+  host = lambda p: jax.tree.map(np.asarray, p)
   nulls = tuple(config.icl.eval.nulls)
   variants = {"shuffled_context": A.rolled} if "shuffled_context" in nulls else {}
-  out = {config.name: (trainer, state.params, variants)}
+  out = {config.name: (trainer, host(state.params), variants)}
   if "untrained" in nulls:
-    out["untrained"] = (trainer, trainer.init().params, {})
+    out["untrained"] = (trainer, host(trainer.init().params), {})
   path = os.path.join(workdir, SINGLE_TASK_DIR)
   if "single_task" in nulls:
     _, t1, s1 = T.load(path)
-    out["single_task"] = (t1, s1.params, {})
+    out["single_task"] = (t1, host(s1.params), {})
   return out
 
 
@@ -186,17 +189,24 @@ def evaluate_state(config, trainer, state, workdir=".") -> list[dict]:
           rows += _rows_for(split, label, name, metric, arr, n_boot, reason, **common)
       for who, spd in res["spd_grid"].items():
         label = base_who if who == "model" else who
-        v, lo, hi, per_seed, edge = A.lambda_hat(spd, lam_L, n_boot=n_boot, seed=seed)
-        extra = dict(common, lambda_star=lam_star, at_grid_edge=bool(edge), reference="ridge")
-        rows.append(make_row("icl", split, label, "lambda_hat", v, lo, hi, int(np.prod(spd.shape[:2])),
-                             seed=None, **extra))
+        lh = A.lambda_hat(spd, lam_L, n_boot=n_boot, seed=seed)
+        extra = dict(common, lambda_star=lam_star, at_grid_edge=bool(lh.at_edge), reference="ridge")
+        if lh.undefined:
+          extra["undefined"] = lh.undefined
+        rows.append(make_row("icl", split, label, "lambda_hat", lh.value, lh.lo, lh.hi,
+                             int(np.prod(spd.shape[:2])), seed=None, **extra))
         if spd.shape[0] > 1:
-          for s, lam in enumerate(per_seed):
+          for s, lam in enumerate(lh.per_seed):
+            ex = dict(extra)
+            ex.pop("undefined", None)
+            if lam is None:
+              ex["undefined"] = "this seed's SPD(model, ridge_λ) is flat in λ"
             rows.append(make_row("icl", split, label, "lambda_hat", lam, None, None,
-                                 spd.shape[1], seed=s, **extra))
+                                 spd.shape[1], seed=s, **ex))
         curve = spd.mean(axis=(0, 1))
+        ex = {k: v for k, v in extra.items() if k != "undefined"}
         rows.append(make_row("icl", split, label, "spd_min", float(curve.min()), n=None,
-                             seed=None, **extra))
+                             seed=None, spd_range=float(curve.max() - curve.min()), **ex))
     rows.append(make_row("icl", split, "bayes", "lambda_star", lam_star, n=None,
                          lambda_star_train=info["lambda_star_train"], **common))
   return rows

@@ -27,6 +27,7 @@ import numpy as np
 from mesajax.eval.stats import bootstrap_ci
 from mesajax.icl import config as cfg
 from mesajax.icl import references as R
+from mesajax.icl.linalg import spd_solve
 from mesajax.report.rows import make_row
 
 TARGETS = ("xty", "ridge_w", "ols_w", "precond_q", "xty_q", "ridge_q", "ols_q")
@@ -73,7 +74,7 @@ def targets(task, lam: float) -> dict:
   w_o = R.ridge_weights(x, y, jnp.asarray(0.0, x.dtype))[0]
   xty = x.T @ y / n
   return {"xty": xty, "ridge_w": w_r, "ols_w": w_o,
-          "precond_q": jnp.linalg.solve(x.T @ x + lam_p * jnp.eye(d), q),
+          "precond_q": spd_solve(x.T @ x + lam_p * jnp.eye(d), q),
           "xty_q": q @ xty, "ridge_q": q @ w_r, "ols_q": q @ w_o}
 
 

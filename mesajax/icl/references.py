@@ -10,8 +10,8 @@ Every predictor maps one task's context and queries to query predictions,
   the residuals. Written in token form exactly as a K-layer linear self-attention computes it:
   residual rᵢ ← rᵢ − (η_k/N) Σⱼ rⱼ xⱼᵀxᵢ and query entry q ← q − (η_k/N) Σⱼ rⱼ xⱼᵀx_q,
   ŷ = −q. With γ = 0 this is K-step GD.
-* Ridge: ŵ_λ = (XᵀX + λI)⁻¹Xᵀy, via the SVD X = U S Vᵀ: ŵ_λ = V diag(S/(S² + λ)) Uᵀy, which at
-  λ = 0 is the minimum-norm least-squares solution (OLS when N ≥ d).
+* Ridge: ŵ_λ = (XᵀX + λI)⁻¹Xᵀy, by Householder QR of [X; √λ I] (``linalg.lstsq``), which at
+  λ = 0 is the least-squares solution (OLS when N ≥ d; minimum-norm when N < d).
 * Bayes-optimal predictor of the Gaussian prior: ridge with λ* = σ²/τ² (``data.ICLRegression``).
 
 The GD step size is line-searched: the η minimising the mean query loss ½(ŷ − y_q)² over a fixed
@@ -26,6 +26,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
+
+from mesajax.icl import linalg as L
 
 
 def gd_pp_predict(x_NxD, y_N, xq_MxD, eta_K, gamma_K):
@@ -52,14 +54,11 @@ def gd_predict(x_NxD, y_N, xq_MxD, eta, num_steps: int = 1):
 
 
 def ridge_weights(x_NxD, y_N, lam_L):
-  """Ridge weights for every λ in ``lam_L``: ``[L, D]`` (λ = 0: minimum-norm least squares)."""
-  u, s, vt = jnp.linalg.svd(x_NxD, full_matrices=False)
-  uty = u.T @ y_N
-  lam_L = jnp.atleast_1d(lam_L)
-  denom = s[None, :] ** 2 + lam_L[:, None]
-  tol = jnp.finfo(x_NxD.dtype).eps * max(x_NxD.shape) * jnp.max(s)
-  coef = jnp.where(s[None, :] > tol, s[None, :] / jnp.where(denom > 0, denom, 1.0), 0.0)
-  return (coef * uty[None, :]) @ vt
+  """Ridge weights for every λ in ``lam_L``: ``[L, D]`` (λ = 0: least squares, minimum-norm when
+  N < d). Householder QR in plain XLA operations (``linalg.lstsq``), not LAPACK: see
+  ``mesajax.icl.linalg`` for the XLA:CPU deadlock that batched LAPACK calls cause in jaxlib 0.10."""
+  lam_L = jnp.atleast_1d(jnp.asarray(lam_L, x_NxD.dtype))
+  return jax.vmap(lambda lam: L.lstsq(x_NxD, y_N, lam))(lam_L)
 
 
 def ridge_predict(x_NxD, y_N, xq_MxD, lam):

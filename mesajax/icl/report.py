@@ -179,7 +179,8 @@ def make_figures(rows, outdir: str) -> list[str]:
     paths.append(os.path.join(outdir, "icl_loss.png"))
     fig.savefig(paths[-1], dpi=120)
     plt.close(fig)
-  lam = [r for r in icl if r["metric"] == "lambda_hat" and r.get("seed") is None]
+  lam = [r for r in icl if r["metric"] == "lambda_hat" and r.get("seed") is None
+         and r["value"] is not None]  # undefined λ̂ (flat SPD curve) is not drawn
   if lam:
     fig, ax = plt.subplots(figsize=(6, 4))
     for r in lam:

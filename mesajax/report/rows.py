@@ -22,7 +22,8 @@ from typing import Any, Callable, Iterable
 
 KEYS = ("analysis", "split", "optimizer", "metric", "value", "ci_low", "ci_high", "n")
 ID_KEYS = ("stage", "checkpoint", "analysis", "split", "optimizer", "metric")
-ID_EXTRAS = ("step", "lr", "baseline", "seed", "point", "probe", "layer", "term")
+ID_EXTRAS = ("step", "lr", "baseline", "seed", "point", "probe", "layer", "term",
+             "reference", "target", "run")  # the ICL rows: per reference, probe target, run
 
 
 def _clean(v: Any, name: str, flags: dict):
