@@ -53,7 +53,13 @@ def gap_sentence(rows, variant, split, baselines=("adam", "sgd", "sgdm")) -> str
                      metric="final_outer_loss")
     if br is None:
       continue
-    parts.append(f"{gap_word(d)} than tuned {b} ({common.fmt(br['value'])}; "
+    word = gap_word(d)
+    link = "from" if word.startswith("no detectable") else ("for" if word == "undefined" else "than")
+    div = common.find(rows, variant=variant, split=split, analysis="eval", optimizer=b,
+                      metric="diverged_frac")
+    note = (f", diverged on {common.fmt(100 * div['value'], 3)}% of tasks"
+            if div and div.get("value") else "")
+    parts.append(f"{word} {link} tuned {b} ({common.fmt(br['value'])}{note}; "
                  f"Δ = {common.fmt_ci(d)})")
   oracle = common.find(rows, variant=variant, split=split, analysis="eval", optimizer="oracle",
                        metric="final_outer_loss")
