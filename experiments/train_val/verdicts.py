@@ -71,8 +71,10 @@ def alignment_sentence(rows, variant, split) -> str:
   """Late descent ratio of the members and of the tuned controls on one split."""
   mem = _members(rows, variant, split, "alignment", "descent_ratio_late")
   vals = [r["value"] for r in mem if r.get("value") is not None]
+  if not mem:
+    return f"`{split}`: not analysed (no alignment rows)."
   if not vals:
-    return f"`{split}`: late descent ratio undefined."
+    return f"`{split}`: late descent ratio undefined ({mem[0].get('undefined')})."
   neg = sum(v < 0 for v in vals)
   ctrl = []
   for c in ("adam", "sgd"):
@@ -94,6 +96,8 @@ def fit_sentence(rows, variant, split) -> str:
   clears = sum(bool(r.get("clears_null")) for r in gain)
   wl2 = [r["value"] for r in _members(rows, variant, split, "objective_fit", "w:l2")
          if r.get("value") is not None]
+  if not gain:
+    return f"`{split}`: not analysed (no objective-fit rows)."
   out = f"`{split}`: held-out-step R² of the fit {common.fmt(_mean(r2), 3)} (mean of members)"
   out += f"; gain over the training loss alone clears its null in {clears}/{len(gain)} members"
   if wl2:
@@ -102,11 +106,29 @@ def fit_sentence(rows, variant, split) -> str:
   return out + "."
 
 
-def conclusion(rows, quick: bool, intro: str = "") -> str:
+def status(rows, expected) -> str:
+  """Which of the ``expected`` variants have evaluation and analysis rows (a partial run says so)."""
+  have_eval = {r["variant"] for r in rows if r.get("analysis") == "eval"}
+  have_an = {r["variant"] for r in rows if r.get("analysis") == "alignment"}
+  missing = [v for v in expected if v not in have_eval]
+  unanalysed = [v for v in expected if v in have_eval and v not in have_an]
+  if not missing and not unanalysed:
+    return ""
+  out = "**Status: partial.**"
+  if missing:
+    out += f" Not run: {', '.join(f'`{v}`' for v in missing)}."
+  if unanalysed:
+    out += f" Evaluated but not analysed: {', '.join(f'`{v}`' for v in unanalysed)}."
+  return out
+
+
+def conclusion(rows, quick: bool, intro: str = "", expected=()) -> str:
   variants = common.ordered_unique(r["variant"] for r in rows if r.get("analysis") == "eval")
   out = []
   if quick:
     out.append("**--quick run: smoke sizes; these sentences only show that the pipeline runs.**\n")
+  elif status(rows, expected):
+    out.append(status(rows, expected) + "\n")
   if intro:
     out.append(intro + "\n")
   out.append("Decision rule: *better* / *worse* when the 95% CI of the paired difference "
