@@ -78,7 +78,7 @@ def report(workdir: str, rows: list, quick: bool) -> str:
                                os.path.join(figdir, "cos_u_neg_outer_grad.png"))]
   setup = (
       "Per-parameter MLP learned optimizer meta-trained with truncated backprop on the validation "
-      "loss (horizon 200, truncations of 20), five seeds as one compiled population, selection "
+      "loss for 500 outer steps (horizon 200, truncations of 20), five seeds as one compiled population, selection "
       "by full-horizon validation runs. `dim`: linear regression, isotropic inputs, w* ~ N(0, I/d), "
       "σ = 0.5, n_train = 4d. `width`: MLP student (8 inputs, one tanh hidden layer, 4 classes) "
       "on a random tanh-MLP teacher's labels, 256 training rows, minibatches of 32. Baselines "

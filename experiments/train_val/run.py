@@ -86,7 +86,7 @@ def report(workdir: str, rows: list, quick: bool) -> str:
   setup = (
       "Linear regression, d = 10, isotropic inputs, teacher w* ~ N(0, I/d), label noise σ = 0.5 "
       "unless a split says otherwise; ½-MSE loss; the inner optimizer sees only the training loss. "
-      "Per-parameter MLP learned optimizer, meta-trained with truncated backprop (horizon 200, "
+      "Per-parameter MLP learned optimizer, meta-trained with truncated backprop for 500 outer steps (horizon 200, "
       "truncations of 20), five seeds as one compiled population; selection by full-horizon "
       "validation runs except in `train_objective`, which never sees the validation loss. "
       "Baselines (SGD, SGD+momentum, Adam) have their learning rate tuned on each split's own "
