@@ -35,7 +35,8 @@ from experiments.train_val import verdicts  # noqa: E402
 
 CONTROLS = ("adam", "sgd")
 # The analyses the tables use (the others: dense SPD metric, endpoint fit, hidden-state probes,
-# are left out to fit the 15-minute budget; `python run.py analyze --workdir DIR/<variant>` adds them).
+# are left out to fit the 15-minute budget; `python run.py analyze --workdir DIR/<variant>`
+# adds them).
 STAGES = ("nci", "quasi_static", "objective_fit", "alignment")
 QUICK_STAGES = ("nci", "objective_fit", "alignment")
 QUICK_VARIANTS = ("dim",)
@@ -78,7 +79,8 @@ def report(workdir: str, rows: list, quick: bool) -> str:
                                os.path.join(figdir, "cos_u_neg_outer_grad.png"))]
   setup = (
       "Per-parameter MLP learned optimizer meta-trained with truncated backprop on the validation "
-      "loss for 500 outer steps (horizon 200, truncations of 20), five seeds as one compiled population, selection "
+      "loss for 500 outer steps (horizon 200, truncations of 20), five seeds as one compiled "
+      "population, selection "
       "by full-horizon validation runs. `dim`: linear regression, isotropic inputs, w* ~ N(0, I/d), "
       "σ = 0.5, n_train = 4d. `width`: MLP student (8 inputs, one tanh hidden layer, 4 classes) "
       "on a random tanh-MLP teacher's labels, 256 training rows, minibatches of 32. Baselines "

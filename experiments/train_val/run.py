@@ -1,7 +1,8 @@
 """Proxy experiment 2: train versus validation — does a learned optimizer pursue the training loss
 where it stood in for the validation loss, once the two part ways?
 
-  python experiments/train_val/run.py --workdir runs/train_val [--quick] [--regenerate] [--publish DIR]
+  python experiments/train_val/run.py --workdir runs/train_val [--quick] [--regenerate]
+                                      [--publish DIR]
 
 Three seed populations (five seeds each, ``configs/proxy_train_val.py``) of the per-parameter MLP
 optimizer on linear regression (d = 10, label noise σ = 0.5):
@@ -41,7 +42,8 @@ from experiments.train_val import verdicts  # noqa: E402
 
 CONTROLS = ("adam", "sgd")
 # The analyses the tables use (the others: dense SPD metric, endpoint fit, hidden-state probes,
-# are left out to fit the 15-minute budget; `python run.py analyze --workdir DIR/<variant>` adds them).
+# are left out to fit the 15-minute budget; `python run.py analyze --workdir DIR/<variant>`
+# adds them).
 STAGES = ("nci", "quasi_static", "objective_fit", "alignment")
 QUICK_STAGES = ("nci", "objective_fit", "alignment")
 QUICK_VARIANTS = ("large_to_small",)
@@ -58,7 +60,7 @@ INTRO = (
 
 FIT_ITEMS = [("objective_fit", "r2_heldout_steps"), ("objective_fit", "r2_gain_heldout_steps"),
              ("objective_fit", "w:l2"), ("objective_fit", "w:grad_norm_sq"),
-             ("objective_fit", "w:outer_loss"), ("objective_fit", "w:pop_excess")]
+             ("objective_fit", "w:outer_loss"), ("objective_fit", "w:param_error")]
 ALIGN_ITEMS = [("nci", "nci"), ("alignment", "cos_u_neg_train_grad"),
                ("alignment", "cos_u_neg_outer_grad"), ("alignment", "descent_ratio_late"),
                ("alignment", "frac_outer_descent")]
@@ -86,9 +88,9 @@ def report(workdir: str, rows: list, quick: bool) -> str:
   setup = (
       "Linear regression, d = 10, isotropic inputs, teacher w* ~ N(0, I/d), label noise σ = 0.5 "
       "unless a split says otherwise; ½-MSE loss; the inner optimizer sees only the training loss. "
-      "Per-parameter MLP learned optimizer, meta-trained with truncated backprop for 500 outer steps (horizon 200, "
-      "truncations of 20), five seeds as one compiled population; selection by full-horizon "
-      "validation runs except in `train_objective`, which never sees the validation loss. "
+      "Per-parameter MLP learned optimizer, meta-trained with truncated backprop for 500 outer "
+      "steps (horizon 200, truncations of 20), five seeds as one compiled population; "
+      "selection by full-horizon "      "validation runs except in `train_objective`, which never sees the validation loss. "
       "Baselines (SGD, SGD+momentum, Adam) have their learning rate tuned on each split's own "
       "tuning tasks by final validation loss (a tuned rate acts as early stopping); the oracle is "
       "the Bayes posterior mean (ridge with λ = σ²d). Losses: mean over 64 held-out tasks (and "
@@ -103,7 +105,8 @@ def report(workdir: str, rows: list, quick: bool) -> str:
       ("Implicit objective (objective fit, out of sample)",
        "Updates regressed on −η_t·M·∇(Σ_k w_k φ_k) over the dictionary (training loss fixed at "
        "weight 1; `l2` = ½‖θ‖², `grad_norm_sq` = ½‖∇L_train‖², `outer_loss` = the validation "
-       "loss the inner optimizer never sees, `pop_excess` = the population excess risk). R² on "
+       "loss the inner optimizer never sees, `param_error` = ½‖w − w*‖², with isotropic inputs "
+       "the population excess risk). R² on "
        "held-out steps; the gain is over the training-loss-only fit, against a permutation null. "
        "Population rows: mean over members (range, members clearing the null).\n\n"
        + common.analysis_table(rows, FIT_ITEMS)),

@@ -54,7 +54,7 @@ def gap_sentence(rows, variant, split, baselines=("adam", "sgd", "sgdm")) -> str
     if br is None:
       continue
     word = gap_word(d)
-    link = "from" if word.startswith("no detectable") else ("for" if word == "undefined" else "than")
+    link = {"better": "than", "worse": "than", "undefined": "for"}.get(word, "from")
     div = common.find(rows, variant=variant, split=split, analysis="eval", optimizer=b,
                       metric="diverged_frac")
     note = (f", diverged on {common.fmt(100 * div['value'], 3)}% of tasks"
@@ -83,7 +83,8 @@ def alignment_sentence(rows, variant, split) -> str:
     if r is not None:
       ctrl.append(f"tuned {c} {common.fmt(r.get('value'), 3)}")
   return (f"`{split}`: late descent ratio (validation / training progress) of the members "
-          f"{common.fmt(_mean(vals), 3)} (range {common.fmt(min(vals), 3)}..{common.fmt(max(vals), 3)}; "
+          f"{common.fmt(_mean(vals), 3)} (range {common.fmt(min(vals), 3)}.."
+          f"{common.fmt(max(vals), 3)}; "
           f"{neg}/{len(vals)} below 0, i.e. climbing the validation loss)"
           + (f" against {', '.join(ctrl)}" if ctrl else "") + ".")
 
@@ -107,7 +108,7 @@ def fit_sentence(rows, variant, split) -> str:
 
 
 def status(rows, expected) -> str:
-  """Which of the ``expected`` variants have evaluation and analysis rows (a partial run says so)."""
+  """Which ``expected`` variants have evaluation and analysis rows (a partial run says so)."""
   have_eval = {r["variant"] for r in rows if r.get("analysis") == "eval"}
   have_an = {r["variant"] for r in rows if r.get("analysis") == "alignment"}
   missing = [v for v in expected if v not in have_eval]
@@ -149,7 +150,8 @@ def conclusion(rows, quick: bool, intro: str = "", expected=()) -> str:
 def loss_bars(rows, path: str, metric: str = "final_outer_loss") -> str | None:
   """Grouped bars, one panel per variant: ``metric`` per split for the learned population (seeds-
   then-tasks CI, member means as dots), each tuned baseline and the oracle (CIs over tasks)."""
-  ev = [r for r in rows if r.get("analysis") in ("eval", "eval_seeds") and r.get("metric") == metric]
+  ev = [r for r in rows
+        if r.get("analysis") in ("eval", "eval_seeds") and r.get("metric") == metric]
   if not ev:
     return None
   plt = common._plt()
@@ -172,8 +174,10 @@ def loss_bars(rows, path: str, metric: str = "final_outer_loss") -> str | None:
         x = i + (k - (len(who) - 1) / 2) * width
         xs.append(x)
         ys.append(r["value"])
-        err[0].append(max(r["value"] - (r.get("ci_low") if r.get("ci_low") is not None else r["value"]), 0))
-        err[1].append(max((r.get("ci_high") if r.get("ci_high") is not None else r["value"]) - r["value"], 0))
+        lo = r["value"] if r.get("ci_low") is None else r["ci_low"]
+        hi = r["value"] if r.get("ci_high") is None else r["ci_high"]
+        err[0].append(max(r["value"] - lo, 0))
+        err[1].append(max(hi - r["value"], 0))
         if opt == name:
           m = [q["value"] for q in common.select(ev, variant=v, split=s, optimizer=name,
                                                    analysis="eval") if q.get("value") is not None]
