@@ -76,7 +76,8 @@ def report(workdir: str, rows: list, quick: bool) -> str:
   figdir = os.path.join(workdir, "figures")
   figs = [verdicts.loss_bars(rows, os.path.join(figdir, "final_loss.png")),
           common.metric_figure(rows, "alignment", "cos_u_neg_outer_grad", None,
-                               os.path.join(figdir, "cos_u_neg_outer_grad.png"))]
+                               os.path.join(figdir, "cos_u_neg_outer_grad.png"))
+          if common.select(rows, analysis="alignment", metric="cos_u_neg_outer_grad") else None]
   setup = (
       "Per-parameter MLP learned optimizer meta-trained with truncated backprop on the validation "
       "loss for 500 outer steps (horizon 200, truncations of 20), five seeds as one compiled "

@@ -84,7 +84,8 @@ def report(workdir: str, rows: list, quick: bool) -> str:
   figdir = os.path.join(workdir, "figures")
   figs = [verdicts.loss_bars(rows, os.path.join(figdir, "final_loss.png")),
           common.metric_figure(rows, "alignment", "descent_ratio_late", None,
-                               os.path.join(figdir, "descent_ratio_late.png"))]
+                               os.path.join(figdir, "descent_ratio_late.png"))
+          if common.select(rows, analysis="alignment", metric="descent_ratio_late") else None]
   setup = (
       "Linear regression, d = 10, isotropic inputs, teacher w* ~ N(0, I/d), label noise σ = 0.5 "
       "unless a split says otherwise; ½-MSE loss; the inner optimizer sees only the training loss. "
