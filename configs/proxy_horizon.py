@@ -18,7 +18,8 @@ Launch (the whole experiment):
   python experiments/horizon/run.py --workdir runs/horizon [--quick]
 One part alone:
   python run.py --config configs/proxy_horizon.py --workdir runs/proxy_horizon
-Expected runtime: a few minutes per part on an idle 2-core CPU.
+Expected runtime: not yet measured on an idle machine (see configs/proxy_optimum.py for the one
+measurement under heavy load, at similar sizes).
 CI size: ``--config configs/proxy_horizon.py:smoke``.
 """
 import ml_collections
