@@ -74,6 +74,8 @@ class Variant:
   """One config of an experiment; ``params`` are the sweep values copied onto its rows."""
   config: ml_collections.ConfigDict
   params: dict = dataclasses.field(default_factory=dict)
+  stages: tuple | None = None     # analyses of this variant (None: run_variants' ``stages``; (): none)
+  controls: tuple | None = None   # tuned hand-designed controls (None: run_variants' ``controls``)
 
 
 # --- running -------------------------------------------------------------------------------------
@@ -87,7 +89,7 @@ def check_variants(variants: dict) -> dict:
     if not name or any(c in name for c in "/\\ \n"):
       raise ValueError(f"variant name {name!r} must be a non-empty name without '/', spaces")
     try:
-      out[name] = Variant(resolve(v.config), dict(v.params))
+      out[name] = Variant(resolve(v.config), dict(v.params), v.stages, v.controls)
     except ValueError as e:
       raise ValueError(f"variant {name!r}: {e}") from None
   return out
@@ -166,6 +168,8 @@ def run_variant(name: str, variant: Variant, workdir: str, controls: Sequence[st
   """Runs one variant into ``workdir/name`` (skipping completed stages); returns its rows."""
   wd = os.path.join(workdir, name)
   config = variant.config
+  stages = stages if variant.stages is None else variant.stages
+  controls = controls if variant.controls is None else variant.controls
   os.makedirs(wd, exist_ok=True)
   path = os.path.join(wd, RESULTS)
   steps = checkpoint.all_steps(wd) if os.path.isdir(checkpoint.checkpoint_dir(wd)) else []
@@ -176,7 +180,7 @@ def run_variant(name: str, variant: Variant, workdir: str, controls: Sequence[st
   if not _stage_done(path, "evaluate", at):
     print(f"[{name}] evaluate", flush=True)
     _timed(wd, "evaluate_s", pipeline.evaluate, wd)
-  if not _stage_done(path, "analyze", at):
+  if (stages is None or len(stages)) and not _stage_done(path, "analyze", at):
     print(f"[{name}] analyse", flush=True)
     _timed(wd, "analyze_s", analyze_learned, wd, stages)
   for c in controls:
@@ -487,10 +491,12 @@ def publish(workdir: str, dest: str) -> None:
 
 
 def main(doc: str, build: Callable[[bool], dict], report: Callable[[str, list, bool], str],
-         controls: Sequence[str] = (), stages=None, argv=None) -> int:
+         controls: Sequence[str] = (), stages=None, argv=None,
+         runner: Callable[[dict, str], list] | None = None) -> int:
   """The ``run.py`` command line: ``--workdir DIR [--quick] [--regenerate] [--publish DEST]``.
 
-  ``build(quick) -> {variant: Variant}``; ``report(workdir, rows, quick) -> README path``.
+  ``build(quick) -> {variant: Variant}``; ``report(workdir, rows, quick) -> README path``;
+  ``runner(variants, workdir) -> rows`` replaces ``run_variants`` (e.g. to add known-answer rows).
   Bad input is a one-line error and exit status 2 before anything compiles."""
   ap = argparse.ArgumentParser(description=doc.strip().splitlines()[0])
   ap.add_argument("--workdir", required=True, help="output directory (created)")
@@ -510,7 +516,8 @@ def main(doc: str, build: Callable[[bool], dict], report: Callable[[str, list, b
       variants = build(args.quick)
       for v in variants.values():
         v.params = dict(v.params, quick=bool(args.quick))
-      rows = run_variants(variants, args.workdir, controls=controls, stages=stages)
+      rows = (runner(variants, args.workdir) if runner is not None else
+              run_variants(variants, args.workdir, controls=controls, stages=stages))
       quick = args.quick
     path = report(args.workdir, rows, quick)
     if args.publish:
