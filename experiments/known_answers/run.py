@@ -1,13 +1,14 @@
 """Known-answer table for the mesa-objective analyses (docs/analyses.md, "Known answers" of each
 analysis).
 
-  python experiments/known_answers/run.py --workdir runs/known_answers
+  python experiments/known_answers/run.py --workdir runs/known_answers [--quick]
 
 Runs every analysis on problems whose answer is known in closed form — hand-designed optimizers
 through the same driver (``mesajax.analysis.suite.run_analyses``) that analyses learned ones, and
 hand-built fields / hidden states for the cases no registered optimizer realises — and writes
 ``DIR/known_answers.md`` (expected beside measured) and ``DIR/results.jsonl`` (tidy rows with the
-extra keys ``expected`` and ``passed``). About 5-10 minutes on a 2-core CPU.
+extra keys ``expected`` and ``passed``). About 5-10 minutes on a 2-core CPU; ``--quick`` (CI) runs
+only the gradient-descent cases (about 20 s of CPU time).
 
 Besides the closed-form answers, each failure class of the analysis-validity review is a case:
 a pure-noise update (no finding, NCI undefined), preconditioned GD with a dense SPD P (symmetric in
@@ -409,12 +410,14 @@ def validity_cases(t: Table):
 def main(argv=None):
   ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
   ap.add_argument("--workdir", required=True)
+  ap.add_argument("--quick", action="store_true", help="the CI size: the gradient-descent cases only")
   args = ap.parse_args(argv)
   os.makedirs(args.workdir, exist_ok=True)
   t, start = Table(), time.time()
-  for section in (gradient_descent, weight_decay, momentum_and_adam, adaptive_metrics,
-                  clipping_and_rotation, overfitting_alignment, implicit_gradient_regularisation,
-                  hidden_state_probes, validity_cases):
+  sections = (gradient_descent, weight_decay, momentum_and_adam, adaptive_metrics,
+              clipping_and_rotation, overfitting_alignment, implicit_gradient_regularisation,
+              hidden_state_probes, validity_cases)
+  for section in sections[:1] if args.quick else sections:
     section(t)
     print(f"[{time.time() - start:6.1f}s] {section.__name__}", file=sys.stderr)
   md = ("# Known answers of the mesa-objective analyses\n\n"

@@ -24,9 +24,20 @@ knob               default  meaning
 ``rotate``         True     Haar-random eigenbasis Q; ``False``: A diagonal (separable problem)
 ``optimum_scale``  1.0      ``theta* = optimum_scale * N(0, I)``: spread of the optimum around the
                             mean initialisation (0); small = "optimum near init" (>= 0)
+``far_frac``       0.0      fraction of tasks whose optimum is *far*: each task independently, with
+                            probability ``far_frac``, draws ``theta* = far_scale * N(0, I)`` instead
+                            (in [0, 1]; 0: every task uses ``optimum_scale``, the draw of the other
+                            knobs is unchanged)
+``far_scale``      3.0      spread of a far task's optimum (>= 0); only read when ``far_frac > 0``
 ``init_scale``     0.0      ``theta_0 = init_scale * N(0, I)`` from the init key (>= 0)
 ``noise``          0.0      std of the additive Gaussian gradient noise in ``train_loss`` (>= 0)
 =================  =======  ========================================================================
+
+Optimum location (goal misgeneralization, Langosco et al. 2022): with a small ``optimum_scale``
+and ``far_frac = 0`` every optimum lies near the initialisation, so "stay near / shrink toward the
+initialisation" is a good proxy for the loss; ``far_frac`` mixes in tasks where it is not, and a
+shift to ``far_frac = 1`` puts every optimum far away. A task's far/near draw uses
+``fold_in(key, 1)``, so the rest of the task (A, the direction of theta*) is the same draw either way.
 
 Reference setting: learned_optimization's ``FixedDimQuadraticFamily`` (Metz et al. 2022,
 ``learned_optimization/tasks/quadratics.py``) has loss ``sum((target - theta)^2)`` with
@@ -54,7 +65,7 @@ class Quadratic(TaskFamily):
 
   name = "quadratic"
   test_shift = dict(dim=5, cond=100.0, eig_max=2.0, rotate=False, optimum_scale=0.1,
-                    init_scale=1.0, noise=0.3)
+                    init_scale=1.0, noise=0.3, far_frac=0.5, far_scale=10.0)
   gd_lr = 0.5
   default_shifts = {"dim_x2": {"task": {"dim": 20}}, "cond_x10": {"task": {"cond": 100.0}},
                     "optimum_far": {"task": {"optimum_scale": 3.0}},
@@ -65,6 +76,8 @@ class Quadratic(TaskFamily):
   eig_max: float = 1.0
   rotate: bool = True
   optimum_scale: float = 1.0
+  far_frac: float = 0.0
+  far_scale: float = 3.0
   init_scale: float = 0.0
   noise: float = 0.0
 
@@ -76,6 +89,9 @@ class Quadratic(TaskFamily):
     check(isinstance(self.rotate, bool), f"quadratic: rotate must be a bool, got {self.rotate!r}")
     check(self.optimum_scale >= 0.0,
           f"quadratic: optimum_scale must be >= 0, got {self.optimum_scale!r}")
+    check(0.0 <= self.far_frac <= 1.0,
+          f"quadratic: far_frac must be in [0, 1], got {self.far_frac!r}")
+    check(self.far_scale >= 0.0, f"quadratic: far_scale must be >= 0, got {self.far_scale!r}")
     check(self.init_scale >= 0.0, f"quadratic: init_scale must be >= 0, got {self.init_scale!r}")
     check(self.noise >= 0.0, f"quadratic: noise must be >= 0, got {self.noise!r}")
 
@@ -86,7 +102,11 @@ class Quadratic(TaskFamily):
     q_DxD = data.haar_rotation(g_DxD) if self.rotate else jnp.eye(self.dim)
     a_DxD = (q_DxD * eigs_D) @ q_DxD.T
     a_DxD = 0.5 * (a_DxD + a_DxD.T)  # exactly symmetric: the Hessian of f
-    return {"A": a_DxD, "eigs": eigs_D, "Q": q_DxD, "theta_star": self.optimum_scale * theta_star}
+    scale = self.optimum_scale
+    if self.far_frac > 0.0:  # static: the default path draws exactly what it always drew
+      far = jax.random.uniform(jax.random.fold_in(key, 1)) < self.far_frac
+      scale = jnp.where(far, self.far_scale, self.optimum_scale)
+    return {"A": a_DxD, "eigs": eigs_D, "Q": q_DxD, "theta_star": scale * theta_star}
 
   def init(self, key, task):
     return {"theta": self.init_scale * jax.random.normal(key, (self.dim,))}

@@ -1,0 +1,126 @@
+"""Proxy objectives, experiment 1: optimum location ("stay near the initialisation").
+
+  python experiments/optimum_location/run.py --workdir runs/optimum_location [--quick]
+  python experiments/optimum_location/run.py --workdir runs/optimum_location --regenerate
+
+Meta-trains a 5-seed population of the per-parameter MLP optimizer on rotated quadratics whose
+optimum lies near θ₀ = 0, with a fraction ``far_frac`` ∈ {0, 0.05, 0.2, 0.5} of training tasks whose
+optimum is far (``configs/proxy_optimum.py``), evaluates every variant on its training
+distribution (``heldout``) and on ``all_far`` (every optimum far) beside lr-tuned SGD and Adam, and
+runs the analyses (NCI, implicit-objective fit, alignment) on every member, its untrained null,
+the no-objective control and the tuned hand-designed optimizers. Writes ``DIR/results.jsonl``
+(rows with ``variant`` and ``far_frac``), ``DIR/README.md`` and ``DIR/figures/``.
+
+``--quick``: two variants (far_frac 0 and 0.5), 2 seeds, the config's smoke sizes (CI).
+"""
+from __future__ import annotations
+
+import copy
+import os
+import sys
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))
+
+from configs.proxy_optimum import STAGES, get_config  # noqa: E402
+from experiments import common  # noqa: E402
+
+FAR_FRACS = (0.0, 0.05, 0.2, 0.5)
+QUICK_FAR_FRACS = (0.0, 0.5)
+CONTROLS = ("adam", "sgd")
+# The "shrink toward θ₀" term: ½‖θ − θ₀‖² (l2_init) equals ½‖θ‖² (l2) when θ₀ = 0, and the
+# objective fit then keeps l2 and excludes l2_init as aliased; the table shows whichever is fitted.
+PROXY_TERMS = ("w:l2", "w:l2_init")
+ITEMS = [("objective_fit", m) for m in (*PROXY_TERMS, "w:dist_opt", "r2_gain_heldout_steps")] + [
+    ("nci", "nci"), ("alignment", "cos_u_neg_outer_grad"), ("alignment", "frac_outer_descent")]
+
+
+def build(quick: bool) -> dict:
+  out = {}
+  for f in (QUICK_FAR_FRACS if quick else FAR_FRACS):
+    c = get_config("smoke" if quick else None)
+    if quick:
+      c.meta.num_seeds = 2
+    c.task.kwargs.far_frac = float(f)
+    out[f"far{int(round(100 * f))}"] = common.Variant(copy.deepcopy(c), {"far_frac": float(f)})
+  return out
+
+
+def proxy_weight_rows(rows, split):
+  """Learned members' fitted weight on the shrink-toward-θ₀ term (whichever alias is fitted)."""
+  for term in PROXY_TERMS:
+    got = [r for r in rows if r.get("analysis") == "objective_fit" and r.get("metric") == term
+           and r.get("split") == split and r.get("role") == "analysed" and r.get("value") is not None]
+    if got:
+      return term, got
+  return None, []
+
+
+def conclusion(rows) -> str:
+  """What the rows show, computed from them (no hand-typed numbers)."""
+  name = common.learned_name(rows)
+  lines = []
+  variants = common.ordered_unique(r["variant"] for r in rows if r.get("analysis") == "eval_seeds")
+  for v in variants:
+    rv = common.select(rows, variant=v)
+    f = rv[0].get("far_frac")
+    parts = []
+    for split in ("heldout", "all_far"):
+      for b in ("adam", "sgd"):
+        d = common.find(rv, analysis="eval_seeds", split=split, metric="final_outer_loss_diff",
+                        baseline=b)
+        if d is None or d.get("value") is None:
+          continue
+        verdict = ("worse than" if d["ci_low"] > 0 else "better than" if d["ci_high"] < 0
+                   else "not distinguishable from")
+        parts.append(f"on `{split}` {name} is {verdict} tuned {b} "
+                     f"(Δ final loss {common.fmt_ci(d)})")
+    term, w = proxy_weight_rows(rv, "heldout")
+    if w:
+      vals = [r["value"] for r in w]
+      clears = sum(bool(r.get("clears_null")) for r in w if "clears_null" in r)
+      parts.append(f"fitted weight on the shrink-toward-θ₀ term `{term}` on its training tasks: "
+                   f"mean {common.fmt(sum(vals) / len(vals))} over {len(vals)} seeds "
+                   f"(range {common.fmt(min(vals))}..{common.fmt(max(vals))}; "
+                   f"{clears} clear their null)")
+    else:
+      parts.append("no member has a fitted (identifiable) weight on the shrink-toward-θ₀ term")
+    lines.append(f"- far_frac = {common.fmt(f)}: " + "; ".join(parts) + ".")
+  quick = any(r.get("quick") for r in rows)
+  if quick:
+    lines.append("- These rows come from `--quick` (smoke sizes): they exercise the pipeline and "
+                 "say nothing about the science.")
+  return "\n".join(lines)
+
+
+def report(workdir: str, rows: list, quick: bool) -> str:
+  figs = os.path.join(workdir, "figures")
+  common.sweep_figure(rows, "far_frac", os.path.join(figs, "final_loss_vs_far_frac.png"))
+  term, _ = proxy_weight_rows(rows, "heldout")
+  if term:
+    common.metric_figure(rows, "objective_fit", term, "far_frac",
+                         os.path.join(figs, "shrink_weight_vs_far_frac.png"))
+  intro = (
+      f"{'(--quick: smoke sizes) ' if quick else ''}Goal misgeneralization for optimizers "
+      "(Langosco et al. 2022): training tasks are rotated quadratics (d = 8, cond 10) started at "
+      "θ₀ = 0 whose optimum is near θ₀ (θ* = 0.1·N(0, I)) except for a fraction `far_frac` with "
+      "θ* = 3·N(0, I); the shift `all_far` puts every optimum far. Learned: per-parameter MLP "
+      "optimizer, a seed population meta-trained on the mean validation loss. Losses: the final "
+      "outer loss, mean over seeds and tasks with a 95% seeds-then-tasks bootstrap CI; baselines "
+      "with their learning rate tuned per split, 95% CI over tasks; Δ = learned − baseline, paired "
+      "on the same tasks (< 0: learned better).\n\n"
+      "Regenerate: `python experiments/optimum_location/run.py --workdir DIR --regenerate`.")
+  sections = [
+      ("", intro),
+      ("Behaviour: final outer loss", common.loss_table(rows, show_params=("far_frac",)) +
+       "\n\n![final loss](figures/final_loss_vs_far_frac.png)"),
+      ("Analyses (learned members, untrained null, controls)",
+       common.analysis_table(rows, ITEMS, show_params=("far_frac",)) +
+       ("\n\n![shrink weight](figures/shrink_weight_vs_far_frac.png)" if term else "")),
+      ("Wall time (s; measured on the machine and load of the run)", common.timing_table(rows)),
+  ]
+  return common.write_readme(workdir, "Proxy objectives 1: optimum location", sections,
+                             conclusion(rows))
+
+
+if __name__ == "__main__":
+  sys.exit(common.main(__doc__, build, report, controls=CONTROLS, stages=STAGES))
