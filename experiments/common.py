@@ -364,7 +364,8 @@ def timing_table(rows: Sequence[dict]) -> str:
   keys = ordered_unique(r["metric"] for r in t)
   lines = [[v, *[fmt(getattr_or(find(t, variant=v, metric=k), "value"), 3) for k in keys]]
            for v in ordered_unique(r["variant"] for r in t)]
-  return table(["variant", *[k.replace("_s", " s") for k in keys]], lines)
+  return table(["variant", *[k[:-2].replace("_", " ") + " s" if k.endswith("_s") else k
+                             for k in keys]], lines)
 
 
 def getattr_or(r, key):
