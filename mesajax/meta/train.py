@@ -161,7 +161,7 @@ def _train(config, workdir, progress, trainer, checkpoint_step):
   start, total = trainer.outer_step(state), int(config.meta.num_outer_steps)
   moved = checkpoint.set_aside(workdir, start, reason=f"train resumed from step {start}")
   dropped = distributed.on_primary(lambda: trim_metrics(workdir, start))
-  primary = distributed.is_primary()
+  primary, multi = distributed.is_primary(), distributed.process_count() > 1
   progress = progress and primary
   if (moved or dropped) and primary:
     print(f"note: set aside checkpoint steps / metrics rows past step {start} in "
@@ -178,7 +178,10 @@ def _train(config, workdir, progress, trainer, checkpoint_step):
   report = lambda p: _report(p, metrics_path, bar, t0, inner_per_outer, start, scalars)
   try:
     for step in range(start, total):
-      if distributed.any_process(interrupt.pending() is not None):
+      # Several processes agree on stopping (a collective that waits for the device) only every
+      # log_every steps, so the host keeps dispatching ahead in between.
+      if ((not multi or step % log_every == 0)
+          and distributed.any_process(interrupt.pending() is not None)):
         break
       state, metrics = trainer.step(state)
       if pending is not None:  # read the previous step's metrics after dispatching this one
