@@ -170,6 +170,40 @@ def _run_multi(tmp_path, size, single=False):
   return multi, (json.loads((tmp_path / "single.json").read_text()) if single else None)
 
 
+@pytest.mark.parametrize("overrides,match", [
+    (["distributed.mode='mpi'"], "distributed.mode"),
+    (["distributed.mode='explicit'"], "coordinator_address"),
+    (["distributed.mode='explicit'", "distributed.coordinator_address='h:1'",
+      "distributed.num_processes=2", "distributed.process_id=2"], "process_id"),
+    (["distributed.local_device_ids=(0, -1)"], "local_device_ids"),
+    (["distributed.cluster_detection_method='pbs'"], "cluster_detection_method"),
+    (["meta.inner_dtype='float16'"], "inner_dtype"),
+    (["meta.tensorboard=1"], "tensorboard"),
+    (["distributed.port=1"], "distributed.port"),
+])
+def test_bad_distributed_config_is_one_line(overrides, match):
+  """Refused by resolve, and by initialize before it calls jax.distributed."""
+  from mesajax import distributed
+  from mesajax.config import load, resolve
+  with pytest.raises(ValueError, match=match) as e:
+    config = load(os.path.join(ROOT, "configs", "quickstart.py:smoke"), overrides)
+    distributed.initialize(config)
+    resolve(config)
+  assert "\n" not in str(e.value)
+
+
+def test_single_process_needs_no_collectives():
+  from mesajax import distributed
+  assert distributed.initialize(load_smoke()) == 1  # mode "off": nothing is started
+  assert distributed.is_primary() and distributed.on_primary(lambda: 7) == 7
+  assert distributed.any_process(True) and not distributed.any_process(False)
+
+
+def load_smoke():
+  from mesajax.config import load
+  return load(os.path.join(ROOT, "configs", "quickstart.py:smoke"))
+
+
 def _close(g, ref, rtol=1e-5):
   """Only the order of float32 reductions may differ."""
   g, ref = np.asarray(g), np.asarray(ref)
