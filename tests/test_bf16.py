@@ -64,8 +64,8 @@ def test_inner_dtype_casts_only_the_inner_losses():
   key = jax.random.PRNGKey(2)
   jaxpr = str(jax.make_jaxpr(view.train_loss)(params, task, key))
   assert "bf16" in jaxpr and "bf16" not in str(jax.make_jaxpr(family.train_loss)(params, task, key))
-  loss, grad = jax.value_and_grad(view.train_loss)(params, task, key)
-  ref, ref_grad = jax.value_and_grad(family.train_loss)(params, task, key)
+  loss, grad = jax.jit(jax.value_and_grad(view.train_loss))(params, task, key)
+  ref, ref_grad = jax.jit(jax.value_and_grad(family.train_loss))(params, task, key)
   assert loss.dtype == jnp.float32 and all(g.dtype == jnp.float32 for g in jax.tree.leaves(grad))
   # bf16 keeps 8 mantissa bits: relative error of order 2^-8 per operation.
   np.testing.assert_allclose(loss, ref, rtol=3e-2)
