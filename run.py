@@ -121,12 +121,17 @@ def main(argv):
   a = parse(argv)
   from mesajax import checkpoint, lock
   from mesajax.config import load, resolve
-  from mesajax import pipeline, rundir
+  from mesajax import distributed, pipeline, rundir
   needs_config = a.command in ("all", "train") or (a.command == "analyze" and a.optimizer)
   try:
     if needs_config:
       spec = a.config or os.path.join(HERE, "configs", "quickstart.py")
-      config = resolve(load(spec, a.overrides))  # every check; nothing written yet
+      config = load(spec, a.overrides)
+      # Multi-process runs (docs/distributed.md): before any other jax call.
+      if distributed.initialize(config) > 1 and a.command != "train":
+        fail("a multi-process run (config.distributed) is for `train`; evaluate, analyze and "
+             "report afterwards in one process with --workdir")
+      config = resolve(config)  # every check; nothing written yet
       workdir = a.workdir or os.path.join("runs", config.name)
       rundir.check_workdir(workdir)
       if a.command == "all":

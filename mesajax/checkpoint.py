@@ -22,6 +22,12 @@ Guarantees added on top of orbax (docs/reliability.md):
 * **Idempotence.** Saving a step that is already saved (and verifies) is a no-op.
 * ``set_aside(workdir, after)`` moves steps past ``after`` to ``DIR/set_aside/<time>/`` (train
   resuming from an earlier step never deletes anything).
+
+Several processes (``mesajax.distributed``; docs/distributed.md): every process calls ``save`` and
+``restore_state`` with the same global state (orbax writes each process's shards and lets process 0
+write the metadata and finalise the step folder); the checksum manifests, set-aside moves and
+warnings are process 0's alone, and every process leaves ``save`` only once the step and its
+manifest are complete, so the directory reads the same from every process.
 """
 from __future__ import annotations
 
@@ -37,7 +43,7 @@ import jax
 import numpy as np
 import orbax.checkpoint as ocp
 
-from mesajax import interrupt
+from mesajax import distributed, interrupt
 
 MANIFEST_DIR = "checksums"
 last_restore: dict = {}
@@ -169,7 +175,7 @@ def save(workdir: str, step: int, state: Any, meta: dict, max_to_keep: int | Non
   meta = json.loads(json.dumps(meta, allow_nan=False, default=list))
   with interrupt.deferred():
     if step in all_steps(workdir):
-      if verify(workdir, step) is None:
+      if distributed.on_primary(lambda: verify(workdir, step)) is None:
         return False
       set_aside(workdir, step - 1, reason=f"step {step} failed its checksum")
     with _manager(workdir, max_to_keep) as mngr:
@@ -177,12 +183,21 @@ def save(workdir: str, step: int, state: Any, meta: dict, max_to_keep: int | Non
                                               meta=ocp.args.JsonSave(meta)), force=True)
       mngr.wait_until_finished()
       kept = sorted(mngr.all_steps())
-    _write_manifest(workdir, step)
-    _prune_manifests(workdir, kept)
+
+    def finish():
+      _write_manifest(workdir, step)
+      _prune_manifests(workdir, kept)
+
+    distributed.on_primary(finish)
   return True
 
 
 def all_steps(workdir: str) -> list[int]:
+  if distributed.process_count() > 1:
+    # Process 0 lists the step folders (orbax renames a step folder into place only once it is
+    # complete) and tells the others: a directory another process is creating must not look
+    # different from each (orbax's managers hold barriers that every process must reach).
+    return distributed.on_primary(lambda: _dir_steps(workdir))
   if not os.path.isdir(checkpoint_dir(workdir)):
     return []
   with interrupt.deferred():
@@ -243,7 +258,7 @@ def restore_state(workdir: str, abstract_state: Any, step: int | None = None) ->
     except CorruptCheckpoint as e:
       skipped.append((s, str(e)))
       continue
-    if skipped:
+    if skipped and distributed.is_primary():
       names = ", ".join(str(k) for k, _ in skipped)
       print(f"warning: skipped unusable checkpoint step(s) {names} ({skipped[0][1]}); "
             f"using step {s}", file=sys.stderr, flush=True)
@@ -256,7 +271,12 @@ def restore_state(workdir: str, abstract_state: Any, step: int | None = None) ->
 
 def set_aside(workdir: str, after: int, reason: str = "") -> str | None:
   """Moves checkpoint steps > ``after`` (and their checksums) to ``DIR/set_aside/<time>/``.
-  Returns that folder, or None when there was nothing to move."""
+  Returns that folder, or None when there was nothing to move. Process 0 moves; every process
+  returns once it is done."""
+  return distributed.on_primary(lambda: _set_aside(workdir, after, reason))
+
+
+def _set_aside(workdir: str, after: int, reason: str = "") -> str | None:
   later = [s for s in _dir_steps(workdir) if s > after]
   if not later:
     return None

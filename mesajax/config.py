@@ -44,7 +44,9 @@ KINDS = ("meta", "icl")
 
 # Fields that may change when a run resumes (they do not change what has been computed).
 # Note: select_every is not resumable: changing it changes which phi is kept.
-RESUMABLE = ("meta.num_outer_steps", "meta.log_every", "meta.checkpoint_every")
+RESUMABLE = ("meta.num_outer_steps", "meta.log_every", "meta.checkpoint_every", "meta.tensorboard",
+             "distributed")
+INNER_DTYPES = ("float32", "bfloat16")
 
 # Sizes beyond these are refused outright (the memory estimate catches most before).
 MAX_COUNT = 10**7      # tasks, steps, probes, grid sizes
@@ -81,11 +83,23 @@ def base_config() -> ml_collections.ConfigDict:
   c.meta.outer_lr = 3e-3         # outer Adam learning rate, in (0, 10]
   c.meta.outer_clip = 1.0        # global-norm clip of the meta-gradient (0: off), in [0, 1e6]
   c.meta.num_outer_steps = 2000  # outer steps in total (a resume may raise it)
-  c.meta.num_devices = 1         # task-batch axis sharded over this many devices
+  c.meta.num_devices = 1         # task-batch axis sharded over this many devices (0: all, of every process)
   c.meta.select_every = 100      # score phi on full-horizon validation runs; keep the best (0: off)
   c.meta.select_tasks = 64       # validation tasks for that selection (own key stream)
   c.meta.log_every = 20          # a metrics.jsonl row every this many outer steps
   c.meta.checkpoint_every = 250  # a checkpoint every this many outer steps (and at the end)
+  c.meta.inner_dtype = "float32"  # float32 | bfloat16: dtype of the inner losses' forward/backward
+  c.meta.tensorboard = False     # also write the metrics rows as TensorBoard events (tensorboardX)
+
+  # Multi-process runs (mesajax/distributed.py, docs/distributed.md); not part of a run's identity.
+  c.distributed = ml_collections.ConfigDict()
+  c.distributed.mode = "off"     # off | auto (SLURM / TPU pod / Open MPI detection) | explicit
+  c.distributed.coordinator_address = None  # explicit: "HOST:PORT" of process 0
+  c.distributed.num_processes = None        # explicit: number of processes
+  c.distributed.process_id = None           # explicit: this process's index
+  c.distributed.local_device_ids = None     # devices this process uses (None: all local ones)
+  c.distributed.cluster_detection_method = None  # auto: one of jax's detectors (None: try all)
+  c.distributed.initialization_timeout = 300     # seconds to wait for every process
 
   # Held-out evaluation (mesajax/eval/).
   c.eval = ml_collections.ConfigDict()
@@ -506,23 +520,40 @@ def check_meta(d):
   _float(d, "meta.outer_lr", low=0.0, low_open=True, high=10.0)
   _float(d, "meta.outer_clip", low=0.0, high=1e6)
   _int(d, "meta.num_outer_steps", low=0, high=10**9)
-  devices = _int(d, "meta.num_devices", high=4096)
-  if n % devices:
+  devices = _int(d, "meta.num_devices", low=0, high=4096)
+  if devices and n % devices:
     raise ValueError(f"config.meta.num_tasks ({n}) must be divisible by "
                      f"config.meta.num_devices ({devices})")
   _int(d, "meta.select_every", low=0, high=10**9)
   _int(d, "meta.select_tasks", low=1)
   _int(d, "meta.log_every", high=10**9)
   _int(d, "meta.checkpoint_every", high=10**9)
+  _choice(d, "meta.inner_dtype", INNER_DTYPES)
+  if not isinstance(d["meta"]["tensorboard"], bool):
+    raise ValueError(f"config.meta.tensorboard must be true or false, got "
+                     f"{d['meta']['tensorboard']!r}")
+
+
+def check_distributed(d):
+  _check_section_keys(d, "distributed")
+  from mesajax import distributed
+  distributed.validate(d)
 
 
 def check_devices(d):
-  """``meta.num_devices`` against the devices present (initialises the jax backend)."""
+  """``meta.num_devices`` against the devices present (initialises the jax backend; after
+  ``mesajax.distributed.initialize`` these are every process's devices)."""
   import jax
-  have = jax.device_count()
-  if d["meta"]["num_devices"] > have:
-    raise ValueError(f"config.meta.num_devices ({d['meta']['num_devices']}) exceeds the "
+  have, want = jax.device_count(), d["meta"]["num_devices"]
+  if want > have:
+    raise ValueError(f"config.meta.num_devices ({want}) exceeds the "
                      f"{have} {jax.default_backend()} device(s) present")
+  if want == 0 and d["meta"]["num_tasks"] % have:
+    raise ValueError(f"config.meta.num_tasks ({d['meta']['num_tasks']}) must be divisible by "
+                     f"the {have} device(s) present (config.meta.num_devices = 0: all)")
+  if jax.process_count() > 1 and want not in (0, have):
+    raise ValueError(f"config.meta.num_devices ({want}) must be 0 or {have} (every device of "
+                     f"the {jax.process_count()} processes) in a multi-process run")
 
 
 def check_eval(d):
@@ -640,12 +671,13 @@ def resolve(config, check_memory: bool = True) -> ml_collections.ConfigDict:
   d = config.to_dict() if hasattr(config, "to_dict") else copy.deepcopy(dict(config))
   d = _fill(d, base_config().to_dict())
   check_top(d)
-  for section in ("task", "optimizer", "meta", "eval", "analysis"):
+  for section in ("task", "optimizer", "meta", "eval", "analysis", "distributed"):
     if not isinstance(d.get(section), dict):
       raise ValueError(f"config.{section} must be a section")
   _finite_everywhere({k: v for k, v in d.items() if k not in ("task", "optimizer", "shifts")},
                      "config")
   check_meta(d)
+  check_distributed(d)
   check_eval(d)
   check_analysis(d)
   check_task(d)

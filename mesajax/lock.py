@@ -4,8 +4,14 @@ The kernel drops a flock when its process dies (even by kill -9), so a dead run 
 stale lock. The file records the holder's pid, host and start time so a refused process can say
 who holds the directory. ``hold(workdir)`` is re-entrant within a process (``run_all`` holds it
 across its stages).
+
+In a multi-process run (``mesajax.distributed``) only process 0 takes the lock (the processes of
+one job share the directory; processes on other hosts could not share a flock anyway); the others
+wait for its outcome and raise the same ``Locked`` when it is refused.
 """
 from __future__ import annotations
+
+from mesajax import distributed
 
 import contextlib
 import fcntl
@@ -32,18 +38,8 @@ def _holder(fd) -> str:
     return "another process"
 
 
-@contextlib.contextmanager
-def hold(workdir: str):
-  """Creates ``workdir`` if needed and holds its lock for the duration (``Locked`` if taken)."""
+def _acquire(workdir: str):
   os.makedirs(workdir, exist_ok=True)
-  key = os.path.realpath(workdir)
-  if key in _held:
-    _held[key][1] += 1
-    try:
-      yield
-    finally:
-      _held[key][1] -= 1
-    return
   path = os.path.join(workdir, ".lock")
   fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
   try:
@@ -59,6 +55,22 @@ def hold(workdir: str):
   os.ftruncate(fd, 0)
   os.lseek(fd, 0, os.SEEK_SET)
   os.write(fd, json.dumps(info).encode())
+  return fd
+
+
+@contextlib.contextmanager
+def hold(workdir: str):
+  """Creates ``workdir`` if needed and holds its lock for the duration (``Locked`` if taken)."""
+  key = os.path.realpath(workdir)
+  if key in _held:
+    _held[key][1] += 1
+    try:
+      yield
+    finally:
+      _held[key][1] -= 1
+    return
+  fd = distributed.on_primary(lambda: _acquire(workdir), error=Locked)
+  fd = fd if distributed.is_primary() else None  # only process 0 holds a file descriptor
   _held[key] = [fd, 1]
   try:
     yield
@@ -66,7 +78,8 @@ def hold(workdir: str):
     _held[key][1] -= 1
     if _held[key][1] == 0:
       del _held[key]
-      try:
-        fcntl.flock(fd, fcntl.LOCK_UN)
-      finally:
-        os.close(fd)
+      if fd is not None:
+        try:
+          fcntl.flock(fd, fcntl.LOCK_UN)
+        finally:
+          os.close(fd)

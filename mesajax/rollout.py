@@ -2,6 +2,13 @@
 
 Shared by evaluation (loss curves), baseline tuning and the analyses (trajectories). Everything is a
 pure function of pytrees: vmap over tasks (and over ``phi`` for a learning-rate grid) from outside.
+
+``InnerDtype(family, "bfloat16")`` is the family whose minibatch losses (``train_loss``,
+``outer_loss``) compute their forward and backward pass in bfloat16 — the parameters and the
+task's floating arrays are cast on entry, the loss is returned in float32, and the gradient
+reaching the optimizer is float32 again (the cast's transpose) — while parameters, optimizer
+state, meta-parameters and the full-batch losses (normalisers, evaluation) stay float32
+(``meta.inner_dtype``; its effect on the meta-gradient is measured in docs/performance.md).
 """
 from __future__ import annotations
 
@@ -13,6 +20,42 @@ import jax.numpy as jnp
 from mesajax.optimizers.base import make_context
 
 PyTree = Any
+
+
+def _cast(tree, dtype):
+  return jax.tree.map(lambda x: x.astype(dtype) if jnp.issubdtype(x.dtype, jnp.floating) else x,
+                      tree)
+
+
+class InnerDtype:
+  """A task-family view computing ``train_loss`` / ``outer_loss`` in ``dtype`` (module docstring);
+  every other attribute is the wrapped family's."""
+
+  def __init__(self, family, dtype: str):
+    self.family, self.dtype = family, jnp.dtype(dtype)
+
+  def train_loss(self, params, task, key):
+    loss = self.family.train_loss(_cast(params, self.dtype), _cast(task, self.dtype), key)
+    return loss.astype(jnp.float32)
+
+  def outer_loss(self, params, task, key):
+    loss = self.family.outer_loss(_cast(params, self.dtype), _cast(task, self.dtype), key)
+    return loss.astype(jnp.float32)
+
+  def __getattr__(self, name):
+    return getattr(self.family, name)
+
+  def __hash__(self):
+    return hash(("InnerDtype", self.family, str(self.dtype)))
+
+  def __eq__(self, other):
+    return (isinstance(other, InnerDtype) and other.family == self.family
+            and other.dtype == self.dtype)
+
+
+def with_inner_dtype(family, dtype: str):
+  """``family`` itself for float32, else its ``InnerDtype`` view."""
+  return family if jnp.dtype(dtype) == jnp.float32 else InnerDtype(family, dtype)
 
 
 class InnerState(NamedTuple):

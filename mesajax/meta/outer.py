@@ -45,7 +45,7 @@ from mesajax.meta import sharding as shd
 from mesajax.meta.estimators import make_estimator
 from mesajax.meta.truncation import Unroller
 from mesajax.registry import make_optimizer
-from mesajax.rollout import run_curve
+from mesajax.rollout import run_curve, with_inner_dtype
 from mesajax.splits import purpose_key, training_family
 from mesajax.tasks.views import PresetInit, prepare_tasks
 
@@ -87,7 +87,9 @@ class MetaTrainer:
     self.opt = make_optimizer(c.optimizer.name, c.optimizer.kwargs.to_dict())
     self.family = training_family(c)
     self.num_seeds = int(c.meta.get("num_seeds", 1))
-    self.unroller = Unroller(self.opt, self.family, int(c.meta.horizon), int(c.meta.unroll_length),
+    # meta.inner_dtype: the inner losses of meta-training (not selection or evaluation) in bf16.
+    inner_family = with_inner_dtype(self.family, c.meta.get("inner_dtype", "float32"))
+    self.unroller = Unroller(self.opt, inner_family, int(c.meta.horizon), int(c.meta.unroll_length),
                              c.meta.outer_objective, c.meta.loss_transform)
     self.mesh = shd.make_mesh(int(c.meta.num_devices))
     self.estimator = make_estimator(c.meta.estimator, self.unroller, int(c.meta.num_tasks),

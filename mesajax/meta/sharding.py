@@ -3,6 +3,11 @@
 One mesh axis, ``tasks``, with ``Auto`` axis type (GSPMD propagates the task sharding through the
 vmapped unrolls; the mean over tasks becomes an all-reduce). ``jax.make_mesh`` defaults to Explicit
 axis types from jax 0.10, so the type is spelled out. On one device every sharding is trivial.
+
+``num_devices = 0`` means every device. In a multi-process run (``mesajax.distributed``) the mesh
+spans every process's devices (it must: a process owning none of the mesh would hold no shard), so
+each process computes the tasks of its own devices; the inputs of every jitted program are
+replicated keys, so every process builds the same global task batch without any data exchange.
 """
 from __future__ import annotations
 
@@ -14,8 +19,12 @@ TASK_AXIS = "tasks"
 
 def make_mesh(num_devices: int) -> jax.sharding.Mesh:
   available = jax.device_count()
+  num_devices = num_devices or available
   if num_devices < 1 or num_devices > available:
     raise ValueError(f"meta.num_devices={num_devices} but {available} device(s) are available")
+  if jax.process_count() > 1 and num_devices != available:
+    raise ValueError(f"meta.num_devices={num_devices}: a multi-process run shards over every "
+                     f"device ({available}); set meta.num_devices=0")
   return jax.make_mesh((num_devices,), (TASK_AXIS,), axis_types=(jax.sharding.AxisType.Auto,),
                        devices=jax.devices()[:num_devices])
 

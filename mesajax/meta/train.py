@@ -19,6 +19,15 @@ Reliability (docs/reliability.md):
 * On resume (from the latest usable step, or ``checkpoint_step``), checkpoint steps past the
   restored one and ``metrics.jsonl`` rows past it (and a torn last line) are moved to
   ``DIR/set_aside/<time>/``, so the metrics always match the checkpoint.
+
+TensorBoard (``meta.tensorboard = True`` and the optional ``tensorboardX`` package, extra
+``tensorboard``): every metrics row is also written as scalars ``meta/<key>`` (a population's
+per-member values as ``meta/<key>/seed<s>``) to event files in ``DIR/tensorboard/``; a resume
+purges events past the restored step. ``tensorboard --logdir DIR/tensorboard`` shows the curves.
+
+Several processes (``mesajax.distributed``): every process runs the loop (the outer step, the
+selection and the checkpoints are collective); the run directory's files (config, metrics rows,
+TensorBoard events, set-aside moves) and the progress bar are process 0's.
 """
 from __future__ import annotations
 
@@ -31,7 +40,7 @@ import jax
 import numpy as np
 from tqdm.auto import tqdm
 
-from mesajax import checkpoint, interrupt, lock, rundir
+from mesajax import checkpoint, distributed, interrupt, lock, rundir
 from mesajax.meta.outer import MetaState, MetaTrainer
 
 METRICS = "metrics.jsonl"
@@ -52,7 +61,49 @@ def load_or_init(trainer: MetaTrainer, workdir: str, step: int | None = None) ->
   return checkpoint.restore_state(workdir, trainer.abstract_state(), step)
 
 
-def _log(path, row):
+class Scalars:
+  """TensorBoard scalars beside ``metrics.jsonl`` (``meta.tensorboard``; module docstring). A
+  no-op when off, on processes other than 0, or when ``tensorboardX`` is missing (one line)."""
+
+  def __init__(self, config, workdir: str, start: int):
+    self.writer = None
+    if not bool(config.meta.get("tensorboard", False)) or not distributed.is_primary():
+      return
+    try:
+      from tensorboardX import SummaryWriter
+    except ImportError:
+      print("warning: meta.tensorboard is on but tensorboardX is not installed (pip install "
+            "'mesajax[tensorboard]'); writing metrics.jsonl only", file=sys.stderr, flush=True)
+      return
+    self.writer = SummaryWriter(logdir=os.path.join(workdir, "tensorboard"),
+                                purge_step=start if start > 0 else None)
+
+  def add(self, row: dict) -> None:
+    if self.writer is None:
+      return
+    step = int(row["outer_step"])
+    for key, value in row.items():
+      if key == "outer_step":
+        continue
+      if isinstance(value, list):
+        for s, v in enumerate(value):
+          if isinstance(v, (int, float)) and not isinstance(v, bool):
+            self.writer.add_scalar(f"meta/{key}/seed{s}", v, step)
+      elif isinstance(value, (int, float)):  # bools as 0/1; None (non-finite) is skipped
+        self.writer.add_scalar(f"meta/{key}", float(value), step)
+    self.writer.flush()
+
+  def close(self) -> None:
+    if self.writer is not None:
+      self.writer.close()
+      self.writer = None
+
+
+def _log(path, row, scalars: Scalars | None = None):
+  if not distributed.is_primary():
+    return
+  if scalars is not None:
+    scalars.add(row)
   with open(path, "a") as f:
     f.write(json.dumps(row, allow_nan=False) + "\n")
     f.flush()
@@ -105,12 +156,14 @@ def train(config, workdir: str, progress: bool = True, trainer: MetaTrainer | No
 
 
 def _train(config, workdir, progress, trainer, checkpoint_step):
-  rundir.prepare(workdir, config)
+  distributed.on_primary(lambda: rundir.prepare(workdir, config))
   state = load_or_init(trainer, workdir, checkpoint_step)
   start, total = trainer.outer_step(state), int(config.meta.num_outer_steps)
   moved = checkpoint.set_aside(workdir, start, reason=f"train resumed from step {start}")
-  dropped = trim_metrics(workdir, start)
-  if moved or dropped:
+  dropped = distributed.on_primary(lambda: trim_metrics(workdir, start))
+  primary, multi = distributed.is_primary(), distributed.process_count() > 1
+  progress = progress and primary
+  if (moved or dropped) and primary:
     print(f"note: set aside checkpoint steps / metrics rows past step {start} in "
           f"{checkpoint.set_aside_dir(workdir)}", file=sys.stderr, flush=True)
   meta = checkpoint_meta(config)
@@ -121,13 +174,18 @@ def _train(config, workdir, progress, trainer, checkpoint_step):
   bar = tqdm(total=total, initial=start, desc="meta-train", disable=not progress, leave=True)
   pending, t0 = None, time.perf_counter()
   last_saved = start if checkpoint.all_steps(workdir) else None
+  scalars = Scalars(config, workdir, start)
+  report = lambda p: _report(p, metrics_path, bar, t0, inner_per_outer, start, scalars)
   try:
     for step in range(start, total):
-      if interrupt.pending() is not None:
+      # Several processes agree on stopping (a collective that waits for the device) only every
+      # log_every steps, so the host keeps dispatching ahead in between.
+      if ((not multi or step % log_every == 0)
+          and distributed.any_process(interrupt.pending() is not None)):
         break
       state, metrics = trainer.step(state)
       if pending is not None:  # read the previous step's metrics after dispatching this one
-        _report(pending, metrics_path, bar, t0, inner_per_outer, start)
+        report(pending)
         pending = None
       if (step + 1) % log_every == 0 or step + 1 == total:
         pending = (step + 1, metrics)
@@ -138,22 +196,25 @@ def _train(config, workdir, progress, trainer, checkpoint_step):
         _log(metrics_path, {"outer_step": step + 1, "select_score": _finite_mean(score),
                             "best_score": _finite_mean(jax.device_get(state.best_score)),
                             **({"select_score_per_seed": [_finite(x) for x in score]}
-                               if trainer.population else {})})
+                               if trainer.population else {})}, scalars)
       if (step + 1) % ckpt_every == 0 and step + 1 < total:
         if pending is not None:  # the metrics row of a checkpointed step is never lost
-          _report(pending, metrics_path, bar, t0, inner_per_outer, start)
+          report(pending)
           pending = None
         checkpoint.save(workdir, step + 1, state, meta)
         last_saved = step + 1
+    if pending is not None:
+      report(pending)
   finally:
     bar.close()
-  if pending is not None:
-    _report(pending, metrics_path, bar, t0, inner_per_outer, start)
+    scalars.close()
   jax.block_until_ready(state)
   step_now = trainer.outer_step(state)
   if step_now != last_saved and (step_now > 0 or step_now == total):
     checkpoint.save(workdir, step_now, state, meta)
   signum = interrupt.pending()
+  if distributed.any_process(signum is not None) and signum is None:
+    signum = 15  # another process was signalled (SIGTERM's code)
   if signum is not None:
     interrupt.clear()
     raise interrupt.Interrupted(
@@ -172,7 +233,9 @@ def _finite_mean(x):
   return _finite(np.mean(np.asarray(x, np.float64)))
 
 
-def _report(pending, path, bar, t0, inner_per_outer, start):
+def _report(pending, path, bar, t0, inner_per_outer, start, scalars=None):
+  if not distributed.is_primary():
+    return
   step, metrics = pending
   m = jax.device_get(metrics)
   elapsed = time.perf_counter() - t0
@@ -186,5 +249,5 @@ def _report(pending, path, bar, t0, inner_per_outer, start):
   nonfinite = [k for k in ("meta_loss", "grad_norm") if row[k] is None]
   if nonfinite:
     row["nonfinite"] = nonfinite
-  _log(path, row)
+  _log(path, row, scalars)
   bar.set_postfix(meta_loss=f"{np.mean(m['meta_loss']):.4f}", skipped=row["num_skipped"])
