@@ -127,23 +127,7 @@ def tuned_lr(rows: Sequence[dict], optimizer: str, split: str = "heldout") -> fl
 def analyze_learned(wd: str, stages=None) -> list[dict]:
   """``pipeline.analyze`` restricted to ``stages`` (None: every analysis; the same rows, nulls
   and per-member seeds as the pipeline)."""
-  if stages is None:
-    return pipeline.analyze(wd)
-  import jax
-  from mesajax.analysis.suite import run_analyses
-  from mesajax.meta.outer import MetaTrainer
-  from mesajax.splits import make_splits
-  with lock.hold(wd):
-    config, opt, phi, at = pipeline.load_learned(wd)
-    phi0 = MetaTrainer(config).initial_phi()
-    splits, rows = make_splits(config), []
-    num = int(config.meta.num_seeds)
-    for s in (range(num) if num > 1 else [None]):
-      take = (lambda t: t) if s is None else (lambda t, s=s: jax.tree.map(lambda x: x[s], t))
-      out = run_analyses(opt, take(phi), config.name, splits, config.analysis, int(config.seed),
-                         null_phi=take(phi0), stages=tuple(stages))
-      rows += out if s is None else [dict(r, seed=int(config.seed) + s) for r in out]
-    return replace_rows(os.path.join(wd, RESULTS), rows, stage="analyze", checkpoint=at)
+  return pipeline.analyze(wd, stages=stages)
 
 
 def analyze_control(wd: str, config, name: str, lr: float, stages=None) -> list[dict]:

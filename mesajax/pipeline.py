@@ -123,6 +123,9 @@ def train(config, workdir: str, progress: bool = True, checkpoint_step: int | No
 
 def _set_aside_results(workdir, step):
   import json
+  from mesajax import distributed
+  if not distributed.is_primary():  # rows are written once, by process 0
+    return
   gone = remove_rows(os.path.join(workdir, RESULTS),
                      lambda r: isinstance(r.get("checkpoint"), int) and r["checkpoint"] > step)
   if gone:
@@ -150,9 +153,16 @@ def evaluate(workdir: str, step: int | None = None) -> list[dict]:
     return replace_rows(os.path.join(workdir, RESULTS), rows, stage="evaluate", checkpoint=at)
 
 
-def analyze(workdir: str, step: int | None = None, config=None, optimizer: str | None = None):
+def analyze(workdir: str, step: int | None = None, config=None, optimizer: str | None = None,
+            stages=None):
   """Runs every analysis on the checkpointed learned optimizer of ``workdir`` or, with
-  ``config`` and ``optimizer``, on a hand-designed optimizer on that config's family."""
+  ``config`` and ``optimizer``, on a hand-designed optimizer on that config's family.
+
+  ``stages``: only these analyses (names in ``mesajax.registry.ANALYSES``; None: all). In a seed
+  population every member is analysed with its own untrained null; the no-objective controls
+  do not depend on the member, so they are analysed once and each member's paired rows reuse them.
+  """
+  stages = None if stages is None else tuple(stages)
   from mesajax.analysis.suite import run_analyses
   if optimizer is None:
     run_config = load_run_config(workdir)  # one line before taking the lock when DIR holds no run
@@ -170,21 +180,24 @@ def analyze(workdir: str, step: int | None = None, config=None, optimizer: str |
       name, at = optimizer, None
     splits = make_splits(config)
     if optimizer is not None:
-      rows = run_analyses(opt, phi, name, splits, config.analysis, int(config.seed))
+      rows = run_analyses(opt, phi, name, splits, config.analysis, int(config.seed),
+                          stages=stages)
     else:
       # The untrained learned optimizer (the phi meta-training started from) is the null every
       # learned-optimizer finding is compared with, on the same tasks (paired rows).
       import jax
       from mesajax.meta.outer import MetaTrainer
       phi0 = MetaTrainer(config).initial_phi()
-      rows = []
+      rows, shared = [], {}
       members = range(int(config.meta.num_seeds)) if int(config.meta.num_seeds) > 1 else [None]
       for s in members:  # every member of a seed population
         take = (lambda t: t) if s is None else (lambda t, s=s: jax.tree.map(lambda x: x[s], t))
         out = run_analyses(opt, take(phi), name, splits, config.analysis, int(config.seed),
-                           null_phi=take(phi0))
-        # rows carry the member's own meta-training seed (config.seed + s)
-        rows += out if s is None else [dict(r, seed=int(config.seed) + s) for r in out]
+                           null_phi=take(phi0), stages=stages, control_cache=shared)
+        # rows carry the member's own meta-training seed (config.seed + s); a control's own rows
+        # (written once, by the first member) belong to no member
+        rows += out if s is None else [r if r.get("role") == "control"
+                                       else dict(r, seed=int(config.seed) + s) for r in out]
     return replace_rows(os.path.join(workdir, RESULTS), rows, stage="analyze", checkpoint=at)
 
 

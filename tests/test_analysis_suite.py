@@ -169,6 +169,24 @@ def test_controls_and_the_dense_spd_metric():
   assert _by(rows, "nci_metric", "nci:dense_spd", "random_field")["value"] > 0.05
 
 
+def test_a_shared_control_cache_analyses_each_control_once_with_the_same_rows():
+  """Seed-population members share the controls: with a control_cache the second member's call
+  emits no control rows of its own, and its paired rows equal those of an uncached call."""
+  acfg = _acfg(num_tasks=3, controls=("noise_update",))
+  splits, stages = _splits(), ("nci",)
+  members = [(SGD(), {"log_lr": jnp.log(0.05)}), (SGD(), {"log_lr": jnp.log(0.1)})]
+  cache, cached = {}, []
+  for opt, phi in members:
+    cached.append(suite.run_analyses(opt, phi, "m", splits, acfg, seed=0, stages=stages,
+                                     control_cache=cache))
+  plain = suite.run_analyses(*members[1], "m", splits, acfg, seed=0, stages=stages)
+  own = lambda rows: [r for r in rows if r["optimizer"] == "noise_update"]
+  assert own(cached[0]) and not own(cached[1]) and own(plain)
+  rest = lambda rows: sorted((r["analysis"], r["metric"], r["optimizer"], str(r["value"]))
+                             for r in rows if r["optimizer"] != "noise_update")
+  assert rest(cached[1]) == rest(plain)
+
+
 def test_adam_quasi_static_own_metric_is_exact_in_float64():
   """Adam's ū = −ηg/(|g|+ε) has Jacobian −ηε/(|g|+ε)²·H, symmetric in its own diagonal metric; at
   the default ε = 1e-8 that cancellation needs float64 (float32 measured 0.55)."""

@@ -187,7 +187,7 @@ def _controls(acfg):
 
 def run_analyses(opt, phi, opt_name: str, splits: dict, acfg, seed: int,
                  timings: dict | None = None, null_phi=None, references: dict | None = None,
-                 stages=None) -> list[dict]:
+                 stages=None, control_cache: dict | None = None) -> list[dict]:
   """Every analysis on every split, with its nulls; returns tidy rows (module docstring).
 
   ``null_phi``: the optimizer's meta-parameters at initialisation (the pipeline passes the φ the
@@ -195,6 +195,10 @@ def run_analyses(opt, phi, opt_name: str, splits: dict, acfg, seed: int,
   ``<opt_name>@init`` on the same tasks. ``references``: ``{name: (opt, phi)}`` analysed on the
   same tasks for paired rows. ``stages``: restrict to these names of
   ``mesajax.registry.ANALYSES`` (default all). ``timings`` receives the wall time of each stage.
+  ``control_cache``: a dict shared by calls on the same splits, seed and analysis config (the
+  members of a seed population): a no-objective control does not depend on ``phi``, so its
+  analysis runs once and its own rows are returned by the first call only; every call still gets
+  its paired rows against the cached control.
   """
   n_boot, alpha = int(knob(acfg, "n_boot", DEFAULTS)), float(knob(acfg, "alpha", DEFAULTS))
   rows: list[dict] = []
@@ -218,9 +222,15 @@ def run_analyses(opt, phi, opt_name: str, splits: dict, acfg, seed: int,
     for split in splits.values():
       if only is not None and split.name not in only:
         continue
-      res = analyse_split(o_opt, o_phi, name, split, acfg, seed, timings, stages,
-                          row_keys={"role": role, "seed": int(seed)})
-      rows.extend(res.rows)
+      key = (name, split.name)
+      if role == "control" and control_cache is not None and key in control_cache:
+        res = control_cache[key]  # analysed by an earlier call; its rows are already out
+      else:
+        res = analyse_split(o_opt, o_phi, name, split, acfg, seed, timings, stages,
+                            row_keys={"role": role, "seed": int(seed)})
+        if role == "control" and control_cache is not None:
+          control_cache[key] = res
+        rows.extend(res.rows)
       rows.extend(paired_rows(main[split.name], res, name, n_boot, seed, alpha))
   ref_split = "heldout" if "heldout" in main else next(iter(main), None)
   rows.extend(split_diff_rows(main, ref_split, n_boot, seed, alpha))
