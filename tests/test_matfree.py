@@ -37,7 +37,8 @@ def test_gmres_solve_and_its_tangent():
     a = jnp.eye(15) * 2.0 + jnp.asarray(rng.standard_normal((15, 15))) * 0.2
     b, db = jnp.asarray(rng.standard_normal(15)), jnp.asarray(rng.standard_normal(15))
     mv = lambda x: a @ x
-    x, dx = jax.jvp(lambda bb: matfree.solve(mv, bb, m=15), (b,), (db,))
+    x, dx = jax.jit(lambda b, db: jax.jvp(lambda bb: matfree.solve(mv, bb, m=15), (b,), (db,)))(
+        b, db)
     np.testing.assert_allclose(x, np.linalg.solve(np.asarray(a), np.asarray(b)), rtol=1e-9)
     np.testing.assert_allclose(dx, np.linalg.solve(np.asarray(a), np.asarray(db)), rtol=1e-9)
 
@@ -60,26 +61,33 @@ def test_newton_krylov_and_implicit_tangent_match_dense(opt):
   with jax.enable_x64(True):
     fam, task, params, phi, state, ctx, sm = _qs_setup(opt)
     g = ravel_pytree(jax.grad(fam.train_loss_full)(params, task))[0]
-    dense = qs.solve_point(sm, state, g, params, phi, ctx)
+    dense = jax.jit(lambda g: qs.solve_point(sm, state, g, params, phi, ctx))(g)
     s0, others = sm.split(state)
-    args = (g, params, phi, ctx, others)
     shift = qs._reg(g.dtype)
-    s_mf = matfree.newton_krylov(sm.F, s0, args, shift, m=16)
+    dg = jax.random.normal(jax.random.PRNGKey(3), g.shape, g.dtype)
+    start = jax.random.normal(jax.random.PRNGKey(0), s0.shape, s0.dtype)
+
+    @jax.jit
+    def matrix_free(g):  # one compiled program (eager fori_loops are slow)
+      args = (g, params, phi, ctx, others)
+      s_mf = matfree.newton_krylov(sm.F, s0, args, shift, m=16)
+      _, jf = jax.linearize(lambda x: sm.F(x, args), s_mf)
+      h, _ = matfree.arnoldi(jf, start, 16)
+      f_mf = lambda gg: matfree.implicit_fixed_point(sm.F, s_mf, (gg,) + args[1:], shift, 16)
+      return s_mf, sm.u(s_mf, args), h, jax.jvp(f_mf, (g,), (dg,))[1]
+
+    s_mf, u_mf, h, t_mf = matrix_free(g)
     np.testing.assert_allclose(s_mf, dense["s_star"], rtol=1e-8, atol=1e-12)
-    np.testing.assert_allclose(sm.u(s_mf, args), dense["u_bar"], rtol=1e-7, atol=1e-12)
+    np.testing.assert_allclose(u_mf, dense["u_bar"], rtol=1e-7, atol=1e-12)
     # Memory: Arnoldi magnitudes = the dense eigenvalue magnitudes (distinct, largest first).
-    _, jf = jax.linearize(lambda x: sm.F(x, args), s_mf)
-    h, _ = matfree.arnoldi(jf, jax.random.normal(jax.random.PRNGKey(0), s_mf.shape, s_mf.dtype), 16)
     np.testing.assert_allclose(qs.distinct_magnitudes(matfree.ritz_values(h), 3),
                                qs.distinct_magnitudes(np.linalg.eigvals(dense["jac"]), 3),
                                atol=1e-8)
     # The implicit tangent of s*(g): one GMRES solve against the dense shifted inverse.
-    dg = jax.random.normal(jax.random.PRNGKey(3), g.shape, g.dtype)
-    f_mf = lambda gg: matfree.implicit_fixed_point(sm.F, s_mf, (gg,) + args[1:], shift, 16)
+    args = (g, params, phi, ctx, others)
     f_dn = lambda gg: qs.implicit_fixed_point(sm.F, s0, (gg,) + args[1:],
                                               solution=(dense["s_star"], dense["jac"]))
-    t_mf = jax.jvp(f_mf, (g,), (dg,))[1]
-    t_dn = jax.jvp(f_dn, (g,), (dg,))[1]
+    t_dn = jax.jit(lambda g: jax.jvp(f_dn, (g,), (dg,))[1])(g)
     np.testing.assert_allclose(t_mf, t_dn, rtol=1e-6, atol=1e-10 * float(jnp.max(jnp.abs(t_dn))))
 
 
@@ -93,7 +101,8 @@ def test_block_metric_probes_match_dense():
     c_ex, r_ex = matfree.block_metric_exact(j, basis)
     lin = lambda v: j @ v
     # Probes √n·e_k make the Hutchinson averages exact traces.
-    c_k, r_k = matfree.block_metric_products(lin, jnp.sqrt(n) * jnp.eye(n), basis)
+    c_k, r_k = jax.jit(matfree.block_metric_products, static_argnums=0)(
+        lin, jnp.sqrt(n) * jnp.eye(n), basis)
     np.testing.assert_allclose(c_k.mean(0), c_ex, rtol=1e-10, atol=1e-10)
     np.testing.assert_allclose(r_k.mean(0), r_ex, rtol=1e-10, atol=1e-10)
     # A J that diag(d) symmetrises, d in the family: the fit recovers d and NCI_M = 0.
