@@ -119,12 +119,16 @@ def _trajectory_fn(opt, family, num_steps, want_curvature):
       ctx = make_context(i, horizon, vals[i, 0])
       return ravel_pytree(opt.update(phi, at(states.opt_state, i), g, params, ctx)[0])[0]
 
-    u = jax.vmap(update)(jnp.arange(num_steps))
+    # Steps in batches of ≤ 2²² / n (all at once for small n): the update of a per-parameter
+    # learned optimizer holds [n, hidden] activations per step, too much for 10⁵ params × T.
+    batch = max(1, min(num_steps, 2 ** 22 // thetas.shape[1]))
+    u = jax.lax.map(update, jnp.arange(num_steps), batch_size=batch)
     out = {"thetas": thetas, "vals": vals, "grads": grads, "opt_states": states.opt_state,
            "updates": u}
     if want_curvature:
       gfun = lambda th: ravel_pytree(jax.grad(family.train_loss_full)(unravel(th), task))[0]
-      hu = jax.vmap(lambda th, d: jax.jvp(gfun, (th,), (d,))[1])(thetas[:-1], u)
+      hu = jax.lax.map(lambda a: jax.jvp(gfun, (a[0],), (a[1],))[1], (thetas[:-1], u),
+                       batch_size=batch)
       out["curvature"] = jnp.sum(u * hu, 1) / jnp.maximum(jnp.sum(u * u, 1), 1e-30)
     return out
 

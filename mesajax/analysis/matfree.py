@@ -187,7 +187,7 @@ def block_metric_products(lin: Callable, v_KxN: Array, basis_LxN: Array) -> tupl
     c = (basis_LxN * v[None, :]) @ jbjv.T                       # c_ab = vᵀ B_a J B_b J v
     r = (basis_LxN * jv[None, :]) @ (basis_LxN * jv[None, :]).T  # (Jv)ᵀ B_a B_b (Jv)
     return c, r
-  return jax.vmap(one)(v_KxN)
+  return jax.lax.map(one, v_KxN)  # one probe at a time: L JVPs in flight, not K·L (memory)
 
 
 def block_metric_exact(j_NxN: Array, basis_LxN: Array) -> tuple[Array, Array]:
