@@ -119,9 +119,10 @@ def _trajectory_fn(opt, family, num_steps, want_curvature):
       ctx = make_context(i, horizon, vals[i, 0])
       return ravel_pytree(opt.update(phi, at(states.opt_state, i), g, params, ctx)[0])[0]
 
-    # Steps in batches of ≤ 2²² / n (all at once for small n): the update of a per-parameter
-    # learned optimizer holds [n, hidden] activations per step, too much for 10⁵ params × T.
-    batch = max(1, min(num_steps, 2 ** 22 // thetas.shape[1]))
+    # Steps in batches of ≤ 2¹⁸ / n (all at once for small n): the update of a per-parameter
+    # learned optimizer holds [n, hidden] activations per step and task (a 10⁵-parameter run with
+    # every step at once grew past 10 GB of host memory).
+    batch = max(1, min(num_steps, 2 ** 18 // thetas.shape[1]))
     u = jax.lax.map(update, jnp.arange(num_steps), batch_size=batch)
     out = {"thetas": thetas, "vals": vals, "grads": grads, "opt_states": states.opt_state,
            "updates": u}
