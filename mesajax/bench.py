@@ -19,6 +19,21 @@ devices up to ``jax.device_count()`` that divide the task count) compiles once a
 markdown table to ``--out`` (default ``runs/bench/sweep.md``) and the JSON rows next to it
 (``.json``), both rewritten after every cell. A cell that fails (e.g. out of memory) becomes a
 row with its one-line error.
+
+``--analysis`` times the whole analysis suite (``mesajax.analysis.suite.run_analyses``: every stage,
+the untrained-optimizer null, the controls, the paired rows) on image-MLP tasks of growing size:
+
+  python -m mesajax.bench --analysis [--config configs/image_mlp.py]
+      [--analysis_sizes 8x13,16x37,28x128] [--config.analysis.num_tasks=8 ...] [--out FILE.md]
+
+Each size ``IMAGExWIDTH`` (8x13: 985 parameters, 16x37: 9,889, 28x128: 101,770) sets
+``task.kwargs.image_size`` and ``width``; the learned optimizer is the config's, *untrained*
+(φ = ``MetaTrainer(config).initial_phi()``; the null φ is drawn from the next seed so the null pass
+costs what it costs after training). Only the ``heldout`` split is analysed. Per size: total wall
+time (compilation included), the time of each stage (summed over the analysed optimizers), the
+number of rows and of rows left ``undefined`` with their reasons; then the growth exponent
+log(t₂/t₁)/log(n₂/n₁) between consecutive sizes. Writes a markdown table to ``--out`` (default
+``runs/bench/analysis.md``) and the JSON rows next to it.
 """
 from __future__ import annotations
 
@@ -183,6 +198,128 @@ def run_sweep(config, cells, steps: int = 3, out: str = "runs/bench/sweep.md",
   return rows
 
 
+ANALYSIS_SIZES = ("8x13", "16x37", "28x128")
+
+
+def _sizes(text: str | None) -> tuple[tuple[int, int], ...]:
+  out = []
+  for item in (text.split(",") if text else ANALYSIS_SIZES):
+    try:
+      a, b = (int(x) for x in item.lower().split("x"))
+    except ValueError:
+      raise ValueError(f"--analysis_sizes: expected IMAGExWIDTH items like 28x128, got {item!r}") \
+          from None
+    if a < 2 or b < 1:
+      raise ValueError(f"--analysis_sizes: image size >= 2 and width >= 1, got {item!r}")
+    out.append((a, b))
+  return tuple(out)
+
+
+def _cpu_s() -> float:
+  """User + system CPU seconds of this process (all its threads): under contention from other
+  jobs it is the robust measure; on an idle machine wall time is this divided by the cores used."""
+  r = resource.getrusage(resource.RUSAGE_SELF)
+  return r.ru_utime + r.ru_stime
+
+
+def analysis_benchmark(config, image_size: int, width: int) -> dict:
+  """Times ``run_analyses`` once (compilation included) on one image-MLP size; see the module
+  docstring."""
+  import ml_collections
+  import numpy as np
+
+  from mesajax.analysis.suite import run_analyses
+  from mesajax.config import resolve
+  from mesajax.meta.outer import MetaTrainer
+  from mesajax.splits import make_splits
+  c = ml_collections.ConfigDict(config.to_dict())
+  c.task.kwargs.image_size = image_size
+  c.task.kwargs.width = width
+  # Only the analysis runs here: shrink the evaluation / meta-training sizes so that resolve's
+  # memory estimates for those stages do not reject a large network.
+  c.eval.num_tasks, c.eval.num_tuning_tasks, c.meta.num_tasks = 2, 2, 2
+  c.shifts = ml_collections.ConfigDict()
+  c = resolve(c)
+  trainer = MetaTrainer(c)
+  phi = trainer.initial_phi()
+  c_null = ml_collections.ConfigDict(c.to_dict())
+  c_null.seed = int(c.seed) + 1
+  phi0 = MetaTrainer(resolve(c_null)).initial_phi()
+  if int(c.meta.num_seeds) > 1:
+    phi, phi0 = (jax.tree.map(lambda x: x[0], t) for t in (phi, phi0))
+  splits = make_splits(c, ["heldout"])
+  n = splits["heldout"].family.num_params()
+  timings: dict = {}
+  cpu0 = _cpu_s()
+  t0 = time.perf_counter()
+  rows = run_analyses(trainer.opt, phi, c.name, splits, c.analysis, int(c.seed), timings=timings,
+                      null_phi=phi0)
+  total = time.perf_counter() - t0
+  cpu = _cpu_s() - cpu0
+  stages: dict = {}
+  for key, v in timings.items():
+    stage = key.split("/")[-1]
+    stages[stage] = stages.get(stage, 0.0) + v
+  undefined = {}
+  for r in rows:
+    if r.get("undefined") and r.get("role") == "analysed":
+      undefined.setdefault(r["undefined"], []).append(f"{r['analysis']}/{r['metric']}")
+  a = c.analysis
+  return {"image_size": image_size, "width": width, "num_params": int(n), "total_s": total,
+          "cpu_s": cpu,
+          "stages_s": {k: round(v, 2) for k, v in sorted(stages.items())},
+          "rows": len(rows), "undefined_rows": int(sum(1 for r in rows if r.get("undefined"))),
+          "undefined_analysed": undefined,
+          "knobs": {k: a[k] for k in ("num_tasks", "num_steps", "num_points", "num_probes",
+                                      "num_sens_probes", "num_perms", "n_boot", "dense_max",
+                                      "qs_max_state") if k in a},
+          "optimizer": c.optimizer.name, "phi": "untrained (initial_phi)",
+          "host_peak_rss_mb": _peak_memory_mb()["host_peak_rss_mb"],
+          "backend": jax.default_backend(), "jax": jax.__version__,
+          "load_avg_1m": float(os.getloadavg()[0]), "cpu_count": os.cpu_count(),
+          "numpy": np.__version__}
+
+
+def analysis_table(rows: list[dict]) -> str:
+  """Markdown: one line per size with its wall time, the slowest stages and the growth exponent."""
+  import numpy as np
+  lines = ["| params | wall s | CPU s | growth exponent (wall / CPU) | slowest stages (wall s) | "
+           "rows (undefined) | load |", "|---|---|---|---|---|---|---|"]
+  prev = None
+  for r in rows:
+    if "error" in r:
+      lines.append(f"| {r.get('num_params', '')} | | | {r['error']} | | |")
+      continue
+    expo = ""
+    if prev is not None:
+      growth = lambda k: np.log(r[k] / prev[k]) / np.log(r["num_params"] / prev["num_params"])
+      expo = f"{growth('total_s'):.2f} / {growth('cpu_s'):.2f}"
+    top = sorted(r["stages_s"].items(), key=lambda kv: -kv[1])[:4]
+    lines.append(f"| {r['num_params']:,} | {r['total_s']:.0f} | {r['cpu_s']:.0f} | {expo} | "
+                 + ", ".join(f"{k} {v:.0f}" for k, v in top)
+                 + f" | {r['rows']} ({r['undefined_rows']}) | {r['load_avg_1m']:.1f} |")
+    prev = r
+  return "\n".join(lines) + "\n"
+
+
+def run_analysis_bench(config, sizes, out: str, log=print) -> list[dict]:
+  rows = []
+  for image_size, width in sizes:
+    try:
+      row = analysis_benchmark(config, image_size, width)
+    except Exception as e:  # noqa: BLE001 - one size failing (e.g. memory) must not end the bench
+      row = {"image_size": image_size, "width": width,
+             "error": f"{type(e).__name__}: {str(e).splitlines()[0][:160]}"}
+    rows.append(row)
+    log(json.dumps(row))
+    os.makedirs(os.path.dirname(out) or ".", exist_ok=True)
+    with open(out, "w") as f:
+      f.write(analysis_table(rows))
+    with open(os.path.splitext(out)[0] + ".json", "w") as f:
+      json.dump(rows, f, indent=2)
+  return rows
+
+
 def main(argv):
   from absl import flags
 
@@ -194,6 +331,9 @@ def main(argv):
   flags.DEFINE_bool("sweep", False, "run the scaling sweep (tasks x seeds x devices)")
   flags.DEFINE_string("sweep_tasks", None, "comma-separated task counts (default 32,64,...,4096)")
   flags.DEFINE_string("sweep_seeds", None, "comma-separated seed counts (default 1,4,16)")
+  flags.DEFINE_bool("analysis", False, "time the whole analysis suite on image-MLP sizes")
+  flags.DEFINE_string("analysis_sizes", None, "comma-separated IMAGExWIDTH image-MLP sizes "
+                      "(default 8x13,16x37,28x128: about 1e3, 1e4, 1e5 parameters)")
   flags.DEFINE_string("sweep_devices", None, "comma-separated device counts (default: 1, 2, 4, "
                       "... up to the devices available)")
   FLAGS = flags.FLAGS
@@ -201,10 +341,14 @@ def main(argv):
   overrides = [a for a in argv[1:] if a.startswith("--config.")]
   try:
     FLAGS([a for a in argv if not a.startswith("--config.")])
-    if FLAGS.config is None and not FLAGS.sweep:
+    if FLAGS.config is None and not (FLAGS.sweep or FLAGS.analysis):
       raise ValueError("--config is required")
+    if FLAGS.sweep and FLAGS.analysis:
+      raise ValueError("--sweep and --analysis are separate benchmarks; pass one")
+    default = "image_mlp.py" if FLAGS.analysis else "lopt_reference.py"
     spec = FLAGS.config or os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(
-        __file__))), "configs", "lopt_reference.py")
+        __file__))), "configs", default)
+    sizes = _sizes(FLAGS.analysis_sizes) if FLAGS.analysis else None
     config = resolve(load(spec, overrides))
     if FLAGS.sweep:
       cells = sweep_cells(config, _ints(FLAGS.sweep_tasks, SWEEP_TASKS),
@@ -215,6 +359,11 @@ def main(argv):
   except (flags.Error, ValueError, OSError) as e:
     print(f"error: {str(e).splitlines()[0]}", file=sys.stderr)
     sys.exit(2)
+  if FLAGS.analysis:
+    out = FLAGS.out or os.path.join("runs", "bench", "analysis.md")
+    run_analysis_bench(config, sizes, out)
+    print(f"wrote {out} and {os.path.splitext(out)[0]}.json")
+    return
   if FLAGS.sweep:
     steps = FLAGS.steps if FLAGS["steps"].present else 3
     out = FLAGS.out or os.path.join("runs", "bench", "sweep.md")

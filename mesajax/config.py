@@ -123,6 +123,10 @@ def base_config() -> ml_collections.ConfigDict:
   c.analysis.dense_max = 2048    # largest n for the exact dense-Jacobian NCIs (>= 0; above: probes)
   c.analysis.qs_max_state = 1024  # largest float-state size for the quasi-static reduction (>= 0)
   c.analysis.num_sens_probes = 8  # Rademacher rows for the update's sensitivity to g (>= 1)
+  c.analysis.num_fit_probes = 8  # Gaussian probes of the block metric fit above dense_max (>= 1)
+  c.analysis.qs_matfree = True   # above qs_max_state: Krylov quasi-static reduction (else skipped)
+  c.analysis.krylov_dim = 20     # Arnoldi/GMRES subspace size of that reduction, in [2, 1000]
+  c.analysis.point_batch_mb = 1024  # probe products above this (MiB): points one at a time (>= 1)
   c.analysis.fit_iters = 20      # ALS iterations of the objective fit (>= 1)
   c.analysis.num_eigs = 4        # quasi-static eigenvalues reported (>= 1)
   c.analysis.probe_max_rows = 50000  # rows used to fit the hidden-state probes (>= 1)
@@ -592,6 +596,8 @@ ANALYSIS_BOUNDS = {
     "num_eigs": (1, 10**4, False), "probe_max_rows": (1, 10**8, False),
     "qs_fit_steps": (1, MAX_COUNT, False), "qs_fit_max_state": (0, 10**5, False),
     "spd_max": (0, 256, False), "num_perms": (0, 10**4, False),
+    "num_fit_probes": (1, 10**4, False), "krylov_dim": (2, 1000, False),
+    "point_batch_mb": (1, 10**7, False),
 }
 
 
@@ -615,8 +621,9 @@ def check_analysis(d):
         v <= low if low_open else v < low) or (v >= high if high_open else v > high):
       raise ValueError(f"config.analysis.{key} must be a number in {'(' if low_open else '['}"
                        f"{low}, {high}{')' if high_open else ']'}, got {v!r}")
-  if not isinstance(a["spd_on_qs"], bool):
-    raise ValueError(f"config.analysis.spd_on_qs must be true or false, got {a['spd_on_qs']!r}")
+  for key in ("spd_on_qs", "qs_matfree"):
+    if not isinstance(a[key], bool):
+      raise ValueError(f"config.analysis.{key} must be true or false, got {a[key]!r}")
   for key in ("controls", "control_splits"):
     names = a[key]
     if isinstance(names, str) or not isinstance(names, (list, tuple)) or not all(

@@ -15,7 +15,8 @@ abort or minutes of swapping):
   evaluate    (num_tasks + num_tuning_tasks * lr_grid_size) * (task + 4 * inner) * (#baselines+1)
               + n_boot * num_tasks * 8 (bootstrap index matrix)
   analyses    num_tasks * (task + (num_steps + 1) * 8 * inner
-              + num_points * (num_probes * 4 + min(n, dense_max)) * n * 4) + n_boot * num_tasks * 8
+              + num_points * (num_probes * 4 + (n if n <= dense_max else 0)) * n * 4)
+              + n_boot * num_tasks * 8   (the dense Jacobian only up to dense_max; above: probes)
 
 ``check(config)`` raises a one-line ``ValueError`` when a stage needs more than 80% of the device's
 memory (host RAM on CPU) or when one array would exceed 2**31 - 1 elements.
@@ -83,7 +84,8 @@ def estimate(config) -> dict:
       "evaluation": ((e.num_tasks + e.num_tuning_tasks * e.lr_grid_size) * (task + 4 * inner)
                      * (len(e.baselines) + 1) + e.n_boot * e.num_tasks * 8),
       "analyses": (a.num_tasks * (task + (a.num_steps + 1) * 8 * inner
-                                  + a.num_points * (a.num_probes * 4 + min(n, a.dense_max)) * n * 4)
+                                  + a.num_points * (a.num_probes * 4 + (n if n <= a.dense_max else 0))
+                                  * n * 4)
                    + a.n_boot * a.num_tasks * 8),
   }
   out["_shapes"] = s

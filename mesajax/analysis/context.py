@@ -23,7 +23,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax.flatten_util import ravel_pytree
 
-from mesajax.analysis import dictionary, fields, nci
+from mesajax.analysis import dictionary, fields, matfree, nci
 from mesajax.analysis import quasi_static as qs
 from mesajax.eval.stats import finite_bootstrap_ci, stream_seed
 from mesajax.optimizers.base import make_context
@@ -119,25 +119,34 @@ def _trajectory_fn(opt, family, num_steps, want_curvature):
       ctx = make_context(i, horizon, vals[i, 0])
       return ravel_pytree(opt.update(phi, at(states.opt_state, i), g, params, ctx)[0])[0]
 
-    u = jax.vmap(update)(jnp.arange(num_steps))
+    # Steps in batches of ≤ 2¹⁸ / n (all at once for small n): the update of a per-parameter
+    # learned optimizer holds [n, hidden] activations per step and task (a 10⁵-parameter run with
+    # every step at once grew past 10 GB of host memory).
+    batch = max(1, min(num_steps, 2 ** 18 // thetas.shape[1]))
+    u = jax.lax.map(update, jnp.arange(num_steps), batch_size=batch)
     out = {"thetas": thetas, "vals": vals, "grads": grads, "opt_states": states.opt_state,
            "updates": u}
     if want_curvature:
       gfun = lambda th: ravel_pytree(jax.grad(family.train_loss_full)(unravel(th), task))[0]
-      hu = jax.vmap(lambda th, d: jax.jvp(gfun, (th,), (d,))[1])(thetas[:-1], u)
+      hu = jax.lax.map(lambda a: jax.jvp(gfun, (a[0],), (a[1],))[1], (thetas[:-1], u),
+                       batch_size=batch)
       out["curvature"] = jnp.sum(u * hu, 1) / jnp.maximum(jnp.sum(u * u, 1), 1e-30)
     return out
 
   return jax.jit(jax.vmap(one, in_axes=(None, None, 0, 0)))
 
 
-def field_metrics(field, u_of_g, theta, v, w, z, dense: bool, want_jac: bool):
+def field_metrics(field, u_of_g, theta, v, w, z, dense: bool, want_jac: bool,
+                  segments: tuple = (), f=None):
   """NCI, transverse and metric NCIs of one field at one point.
 
   ``dense``: exact values from the dense Jacobian (n JVPs of the field, ``jax.jacfwd``) and the
   exact diagonal of ∂u/∂g (n JVPs of the update in g); otherwise the probe estimators (2K + 1 JVPs
-  plus ``num_sens_probes`` for the Hutchinson diagonal). Every NCI of a point where J = 0 exactly
-  (the update does not depend on θ there) is NaN: 0/0, undefined, and flagged by ``j_zero``.
+  plus ``num_sens_probes`` for the Hutchinson diagonal, plus K_f (L + 1) for the block metric fit
+  on the separate probes ``f`` [K_f, n]), each with its jackknife standard error (``se:`` keys).
+  ``segments``: flat sizes of the parameter tensors (the block metric's basis,
+  ``matfree.leaf_basis``). Every NCI of a point where J = 0 exactly (the update does not depend on
+  θ there) is NaN: 0/0, undefined, and flagged by ``j_zero``.
   """
   out = {}
   if dense:
@@ -156,10 +165,15 @@ def field_metrics(field, u_of_g, theta, v, w, z, dense: bool, want_jac: bool):
     out["nci:fitted_diag"] = nanif(nci.nci_exact(jac, m_fit)[0])
     out["metric_cond:fitted_diag"] = nanif(nci.metric_cond(m_fit))
     out["fitted_diag_clip_frac"] = nanif(jnp.mean(m_fit <= 1.0001e-6 * jnp.max(m_fit)))
+    if segments:
+      basis = matfree.leaf_basis(segments, m_own)
+      m_blk, _ = matfree.fit_block_metric(*matfree.block_metric_exact(jac, basis), basis)
+      out["nci:fitted_block"] = nanif(nci.nci_exact(jac, m_blk)[0])
+      out["metric_cond:fitted_block"] = nanif(nci.metric_cond(m_blk))
     if want_jac:
       out["jac"] = jac
   else:
-    u, g, p = nci.probe_products(field, theta, v, w)
+    u, g, p, lin = nci.linearized_probes(field, theta, v, w)
     a = jnp.sum(p.v_KxN * p.jw_KxN, axis=1)
     b = jnp.sum(p.w_KxN * p.jv_KxN, axis=1)
     ok = jnp.sum(a * a + b * b) > 0
@@ -171,59 +185,96 @@ def field_metrics(field, u_of_g, theta, v, w, z, dense: bool, want_jac: bool):
     m_own, out["own_diag_neg_frac"] = nci.own_diag_metric(d)
     out["nci:own_diag"] = nanif(nci.nci_from_probes(p, m_own)[0])
     out["metric_cond:own_diag"] = nci.metric_cond(m_own)
+    se = lambda metric=None, transverse=False: nanif(
+        matfree.jackknife_nci(*nci.st_from_probes(p, metric, transverse)))
+    out["se:nci"], out["se:transverse"], out["se:nci:own_diag"] = (
+        se(), se(transverse=True), se(m_own))
+    if segments and f is not None:
+      basis = matfree.leaf_basis(segments, m_own)
+      c_k, r_k = matfree.block_metric_products(lin, f, basis)
+      m_blk, _ = matfree.fit_block_metric(jnp.mean(c_k, 0), jnp.mean(r_k, 0), basis)
+      out["nci:fitted_block"] = nanif(nci.nci_from_probes(p, m_blk)[0])
+      out["se:nci:fitted_block"] = se(m_blk)
+      out["metric_cond:fitted_block"] = nanif(nci.metric_cond(m_blk))
   out["cos_u_neg_grad"] = fields.cosine(u, -g)
   out["j_zero"] = (jn == 0).astype(theta.dtype)
   return out, u, g
 
 
 @functools.lru_cache(maxsize=64)
-def _points_fn(opt, family, dense, want_jac, sm):
-  """Float64 Jacobian analyses at points (call inside ``jax.enable_x64(True)``)."""
+def _points_fn(opt, family, dense, want_jac, sm, segments=(), krylov=0, sequential=False):
+  """Float64 Jacobian analyses at points (call inside ``jax.enable_x64(True)``).
 
-  def point(phi, horizon, task, params, state, step, v, w, z):
-    task, params, state, v, w, z = to64((task, params, state, v, w, z))
+  ``krylov`` > 0: the quasi-static reduction is matrix-free (Newton–Krylov fixed point, Arnoldi
+  Hessenberg matrix ``state_hess`` of ∂F/∂s instead of the dense ``state_jac``, implicit tangents by
+  GMRES, all with ``krylov``-dimensional Krylov spaces; ``matfree``). ``sequential``: map over the
+  points one at a time (``jax.lax.map``) instead of vmapping them (memory, or LAPACK; see below)."""
+
+  def point(phi, horizon, task, params, state, step, v, w, z, f):
+    task, params, state, v, w, z, f = to64((task, params, state, v, w, z, f))
     loss = family.train_loss_full(params, task)
     ctx = fields.with_loss(make_context(step, horizon), loss)
     theta = ravel_pytree(params)[0]
     field = fields.update_field(opt, phi, family, task, state, ctx, params)
     u_of_g = fields.update_of_grad(opt, phi, state, params, ctx)
-    out, _, g = field_metrics(field, u_of_g, theta, v, w, z, dense, want_jac)
+    out, _, g = field_metrics(field, u_of_g, theta, v, w, z, dense, want_jac, segments, f)
     if sm is not None:
-      sol = qs.solve_point(sm, state, g, params, phi, ctx)
-      ub = sol["u_bar"]
+      if krylov:
+        s0, others = sm.split(state)
+        args = (g, params, phi, ctx, others)
+        shift = qs._reg(g.dtype)
+        s_star = matfree.newton_krylov(sm.F, s0, args, shift, m=krylov)
+        ub = sm.u(s_star, args)
+        res = jnp.linalg.norm(sm.F(s_star, args) - s_star) / jnp.maximum(
+            jnp.linalg.norm(s_star), 1e-30)
+        _, jf = jax.linearize(lambda x: sm.F(x, args), s_star)
+        start = jax.random.normal(jax.random.PRNGKey(0), s_star.shape, s_star.dtype)
+        out["state_hess"] = matfree.arnoldi(jf, start, krylov)[0]
+
+        def state_fn(grads, p_, c_):
+          a = (ravel_pytree(grads)[0], p_, phi, c_, others)
+          return sm.build(matfree.implicit_fixed_point(sm.F, s_star, a, shift, krylov), others)
+      else:
+        sol = qs.solve_point(sm, state, g, params, phi, ctx)
+        ub, res = sol["u_bar"], sol["residual"]
+        out["state_jac"] = sol["jac"]
+        state_fn = qs.effective_state_fn(sm, state, phi, solution=(sol["s_star"], sol["jac"]))
       out["effective_step"] = -jnp.vdot(ub, g) / jnp.maximum(jnp.vdot(g, g), 1e-300)
       out["cos_ubar_neg_grad"] = fields.cosine(ub, -g)
-      out["fp_residual"] = sol["residual"]
-      out["state_jac"] = sol["jac"]
-      state_fn = qs.effective_state_fn(sm, state, phi, solution=(sol["s_star"], sol["jac"]))
+      out["fp_residual"] = res
       qfield = fields.update_field(opt, phi, family, task, state, ctx, params, state_fn=state_fn)
       qu_of_g = fields.update_of_grad(opt, phi, state, params, ctx, state_fn=state_fn)
-      qout, _, _ = field_metrics(qfield, qu_of_g, theta, v, w, z, dense, want_jac)
+      qout, _, _ = field_metrics(qfield, qu_of_g, theta, v, w, z, dense, want_jac, segments, f)
       out.update({f"qs:{k}": val for k, val in qout.items()})
     return out
 
-  if sm is None or qs.batchable(sm.dim):
-    over_points = jax.vmap(point, in_axes=(None, None, None, 0, 0, 0, 0, 0, 0))
-    return jax.jit(jax.vmap(over_points, in_axes=(None, None, 0, 0, 0, None, 0, 0, 0)))
+  if not sequential and (sm is None or qs.batchable(sm.dim)):
+    over_points = jax.vmap(point, in_axes=(None, None, None, 0, 0, 0, 0, 0, 0, 0))
+    return jax.jit(jax.vmap(over_points, in_axes=(None, None, 0, 0, 0, None, 0, 0, 0, 0)))
 
-  def sequential(phi, horizon, tasks, params, states, steps, v, w, z):
+  def seq(phi, horizon, tasks, params, states, steps, v, w, z, f):
     b, p = v.shape[:2]
     flat = lambda x: x.reshape((b * p,) + x.shape[2:])
     xs = (jax.tree.map(lambda x: jnp.repeat(x, p, axis=0), tasks), jax.tree.map(flat, params),
-          jax.tree.map(flat, states), jnp.tile(steps, b), flat(v), flat(w), flat(z))
+          jax.tree.map(flat, states), jnp.tile(steps, b), flat(v), flat(w), flat(z), flat(f))
     out = jax.lax.map(lambda a: point(phi, horizon, *a), xs)
     return jax.tree.map(lambda x: x.reshape((b, p) + x.shape[1:]), out)
 
-  return jax.jit(sequential)  # large states: unbatched LAPACK inverses (quasi_static._inverse)
+  return jax.jit(seq)  # large states: unbatched LAPACK inverses (quasi_static._inverse)
 
 
 @functools.lru_cache(maxsize=64)
-def _qs_trajectory_fn(opt, family, sm):
-  """ū at trajectory points in float64 (for the ``qs:`` objective fit): a fixed-point solve each."""
+def _qs_trajectory_fn(opt, family, sm, krylov=0):
+  """ū at trajectory points in float64 (for the ``qs:`` objective fit): a fixed-point solve each
+  (Newton–Krylov with ``krylov``-dimensional spaces when ``krylov`` > 0, else dense Newton)."""
 
   def one_step(phi, horizon, task, params, state, step, g):
     task, params, state, g = to64((task, params, state, g))
     ctx = fields.with_loss(make_context(step, horizon), family.train_loss_full(params, task))
+    if krylov:
+      s0, others = sm.split(state)
+      args = (g, params, phi, ctx, others)
+      return sm.u(matfree.newton_krylov(sm.F, s0, args, qs._reg(g.dtype), m=krylov), args)
     return qs.effective_update(sm, state, g, params, phi, ctx)
 
   if qs.batchable(sm.dim):
@@ -318,7 +369,10 @@ class SplitContext:
     self.n_params = int(ravel_pytree(self.params_like)[0].shape[0])
     self.hidden_like = opt.hidden_state(self.state_like)
     self.sm = qs.StateMap(opt, self.state_like, self.params_like)
-    self.use_qs = 0 < self.sm.dim <= int(self.knob("qs_max_state"))
+    # Dense ∂F/∂s up to qs_max_state floats; above it Krylov methods (qs_matfree) or nothing.
+    self.qs_matfree = self.sm.dim > int(self.knob("qs_max_state")) and bool(self.knob("qs_matfree"))
+    self.use_qs = 0 < self.sm.dim and (self.sm.dim <= int(self.knob("qs_max_state"))
+                                       or self.qs_matfree)
     self.hz = jnp.asarray(self.horizon, jnp.int32)
     self._tick = time.perf_counter()
 
@@ -368,15 +422,23 @@ class SplitContext:
     rng = np.random.default_rng(np.asarray(self.k_pts, np.uint32))
     k_pr = 1 if dense else int(self.knob("num_probes"))
     k_sens = 1 if dense else int(self.knob("num_sens_probes"))
+    k_fit = 1 if dense else int(self.knob("num_fit_probes"))
     v = rng.standard_normal((b, p_num, k_pr, n))
     w = rng.standard_normal((b, p_num, k_pr, n))
     z = rng.choice(np.array([-1.0, 1.0]), (b, p_num, k_sens, n))
+    f = rng.standard_normal((b, p_num, k_fit, n))
+    segments = tuple(int(np.size(x)) for x in jax.tree.leaves(self.params_like))
+    krylov = int(self.knob("krylov_dim")) if self.qs_matfree else 0
+    # Every point at once unless its probe products would exceed point_batch_mb (float64).
+    jvps = 2 * k_pr + 1 + k_fit * (2 * len(segments) + 1)
+    sequential = (not dense and b * p_num * jvps * n * 8 * (2 if self.use_qs else 1)
+                  > float(self.knob("point_batch_mb")) * 2 ** 20)
     with jax.enable_x64(True):
       sm = None
       if self.use_qs:
         sm = qs.StateMap(self.opt, to64(self.state_like), to64(self.params_like))
-      fn = _points_fn(self.opt, self.fam, dense, want_jac, sm)
-      out = fn(self.phi, self.hz, self.tasks, params_pts, states_pts, jnp.asarray(idx), v, w, z)
+      fn = _points_fn(self.opt, self.fam, dense, want_jac, sm, segments, krylov, sequential)
+      out = fn(self.phi, self.hz, self.tasks, params_pts, states_pts, jnp.asarray(idx), v, w, z, f)
       out = jax.tree.map(np.asarray, jax.block_until_ready(out))
     self.lap("points")
     out["_dense"] = dense
@@ -392,7 +454,8 @@ class SplitContext:
     traj = self.traj
     with jax.enable_x64(True):
       sm = qs.StateMap(self.opt, to64(self.state_like), to64(self.params_like))
-      out = _qs_trajectory_fn(self.opt, self.fam, sm)(
+      krylov = int(self.knob("krylov_dim")) if self.qs_matfree else 0
+      out = _qs_trajectory_fn(self.opt, self.fam, sm, krylov)(
           self.phi, self.hz, self.tasks, self.params_tree(traj["thetas"][:, sub]),
           take(traj["opt_states"], jnp.asarray(sub)), jnp.asarray(sub),
           traj["grads"][:, sub, self.train_ix])

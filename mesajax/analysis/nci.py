@@ -70,12 +70,36 @@ def probe_products(field: Callable, theta_N: Array, v_KxN: Array, w_KxN: Array):
   Returns ``(u_N, aux, Probes)``. Cost: 2K + 1 JVPs of the field. (Probes are inputs, so callers
   can draw them outside ``jit``: the threefry sampler is slow to compile on CPU.)
   """
+  u_N, aux, p, _ = linearized_probes(field, theta_N, v_KxN, w_KxN)
+  return u_N, aux, p
+
+
+def linearized_probes(field: Callable, theta_N: Array, v_KxN: Array, w_KxN: Array):
+  """``probe_products`` that also returns the linearised field ``lin: v ↦ Jv`` (for further JVPs
+  at the same point, e.g. ``matfree.block_metric_products``)."""
   u_N, lin, aux = jax.linearize(field, theta_N, has_aux=True)
   jv = jax.vmap(lin)(v_KxN)
   jw = jax.vmap(lin)(w_KxN)
   norm = jnp.linalg.norm(u_N)
   u_hat = jnp.where(norm > 0, u_N / jnp.where(norm > 0, norm, 1.0), 0.0)
-  return u_N, aux, Probes(v_KxN, w_KxN, jv, jw, u_hat, lin(u_hat))
+  return u_N, aux, Probes(v_KxN, w_KxN, jv, jw, u_hat, lin(u_hat)), lin
+
+
+def st_from_probes(p: Probes, metric_N: Array | None = None,
+                   transverse: bool = False) -> tuple[Array, Array]:
+  """The per-pair samples (s_k, t_k) behind ``nci_from_probes`` (or ``transverse_from_probes``),
+  for standard errors (``matfree.jackknife_nci``)."""
+  if transverse:
+    cv, cw = p.v_KxN @ p.u_hat_N, p.w_KxN @ p.u_hat_N
+    pv = p.v_KxN - cv[:, None] * p.u_hat_N
+    pw = p.w_KxN - cw[:, None] * p.u_hat_N
+    a = jnp.sum(pv * (p.jw_KxN - cw[:, None] * p.ju_N), axis=1)
+    b = jnp.sum(pw * (p.jv_KxN - cv[:, None] * p.ju_N), axis=1)
+    return a - b, a + b
+  m = jnp.ones_like(p.u_hat_N) if metric_N is None else metric_N
+  a = jnp.sum(p.v_KxN * m * p.jw_KxN, axis=1)
+  b = jnp.sum(p.w_KxN * m * p.jv_KxN, axis=1)
+  return a - b, a + b
 
 
 def _nci_from_st(s_K: Array, t_K: Array) -> tuple[Array, Array]:

@@ -15,7 +15,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from mesajax.analysis import alignment as align_mod
-from mesajax.analysis import endpoint_fit, nci, objective_fit, probes
+from mesajax.analysis import endpoint_fit, matfree, nci, objective_fit, probes
 from mesajax.analysis import quasi_static as qs
 from mesajax.analysis.context import SplitContext, take
 from mesajax.eval.stats import null_pvalue, sign_flip_pvalue
@@ -69,19 +69,31 @@ def nci_stage(ctx: SplitContext) -> list[dict]:
     pt = ctx.per_task_mean
     for analysis, metric in (("nci", "nci"), ("nci", "ratio"), ("transverse", "transverse"),
                              ("transverse", "transverse_ratio"), ("nci_metric", "nci:identity"),
-                             ("nci_metric", "nci:own_diag"), ("nci_metric", "nci:fitted_diag")):
+                             ("nci_metric", "nci:own_diag"), ("nci_metric", "nci:fitted_diag"),
+                             ("nci_metric", "nci:fitted_block")):
       key = prefix + ("nci" if metric == "nci:identity" else metric)
       if key not in pts:
-        r.fixed(analysis, prefix + metric, None, n=0,
-                undefined=f"needs the dense Jacobian: n = {ctx.n_params} > dense_max")
+        why = (f"needs the dense Jacobian: n = {ctx.n_params} > dense_max (the matrix-free "
+               f"structured fit is nci:fitted_block)" if metric == "nci:fitted_diag" else
+               f"not computed for n = {ctx.n_params}")
+        r.fixed(analysis, prefix + metric, None, n=0, undefined=why)
         continue
-      r.add(analysis, prefix + metric, pt(key), undefined=reason, estimator=est)
+      extra = {}
+      se_key = prefix + "se:" + ("nci" if metric in ("nci:identity", "ratio") else metric)
+      if se_key in pts and "ratio" not in metric:
+        se_mean, se_point = matfree.probe_se_of_mean(pts[se_key])
+        if np.isfinite(se_mean):
+          extra = {"probe_se": se_mean, "probe_se_point": se_point}
+      blk = metric == "nci:fitted_block"
+      r.add(analysis, prefix + metric, pt(key), undefined=reason,
+            estimator=est + (f"; metric fitted on K_f={int(ctx.knob('num_fit_probes'))} separate "
+                             "probes" if blk and not pts["_dense"] else ""), **extra)
       if "ratio" not in metric:
         _mark_floor(r.rows[-1], floor, floor_what)
     r.add("nci", prefix + "cos_u_neg_grad", pt(prefix + "cos_u_neg_grad"))
     r.add("nci", prefix + "frac_points_j_zero", np.mean(jz, axis=1))
     for m in ("metric_cond:fitted_diag", "fitted_diag_clip_frac", "metric_cond:own_diag",
-              "own_diag_neg_frac"):
+              "own_diag_neg_frac", "metric_cond:fitted_block"):
       if prefix + m in pts:
         stat = np.median if m.startswith("metric_cond") else np.mean
         r.add("nci_metric", prefix + m, pt(prefix + m), stat=stat, undefined=reason)
@@ -139,28 +151,42 @@ def quasi_static_stage(ctx: SplitContext) -> list[dict]:
   pts = ctx.points
   k_eig = int(ctx.knob("num_eigs"))
   unit_tol = float(ctx.knob("unit_eig_tol"))
-  jac = pts["state_jac"][:, ctx.p_num // 2]  # middle point of each task, float64
+  krylov = "state_hess" in pts
+  mid = ctx.p_num // 2  # middle point of each task, float64
+  mats = pts["state_hess" if krylov else "state_jac"][:, mid]
+  est = (f"Arnoldi Ritz values (Krylov dimension {int(ctx.knob('krylov_dim'))}, JVPs of the state "
+         f"map only; exact when the Krylov space is invariant)" if krylov else
+         "eigenvalues of the dense ∂F/∂s (float64)")
   mags = np.full((ctx.b, k_eig), np.nan)
   conserved = np.full(ctx.b, np.nan)
   unstable = np.full(ctx.b, np.nan)
-  for i, j in enumerate(jac):
+  for i, j in enumerate(mats):
     if not np.all(np.isfinite(j)):
       continue
-    ev = np.abs(np.linalg.eigvals(j))
+    ev = np.abs(matfree.ritz_values(j) if krylov else np.linalg.eigvals(j))
+    if ev.size == 0 or not np.all(np.isfinite(ev)):
+      continue
     cls = qs.classify_magnitudes(ev, unit_tol)
     conserved[i] = np.mean(cls["conserved"])
     unstable[i] = float(np.any(cls["unstable"]))
     mags[i] = qs.distinct_magnitudes(ev[~cls["conserved"]], k_eig)
   for i in range(k_eig):
     r.add("quasi_static", f"eig_{i + 1}", mags[:, i],
-          undefined=f"fewer than {i + 1} distinct non-conserved eigenvalue magnitudes")
+          undefined=f"fewer than {i + 1} distinct non-conserved eigenvalue magnitudes",
+          estimator=est)
     with np.errstate(divide="ignore", invalid="ignore"):
       r.add("quasi_static", f"timescale_{i + 1}",
             np.where(mags[:, i] < 1.0, 1.0 / (1.0 - mags[:, i]), np.nan),
             undefined=f"no eigenvalue {i + 1} with |λ| < 1")
-  r.add("quasi_static", "frac_conserved_dims", conserved,
-        note=f"|λ| = 1 within {unit_tol:g}: stored quantities (e.g. θ₀), not memory or instability")
-  r.add("quasi_static", "frac_unstable", unstable, note=f"|λ| > 1 + {unit_tol:g}")
+  if krylov:
+    r.fixed("quasi_static", "frac_conserved_dims", None, n=0,
+            undefined=f"needs every eigenvalue of ∂F/∂s (state_dim = {ctx.sm.dim} > qs_max_state "
+                      f"= {int(ctx.knob('qs_max_state'))}; Arnoldi gives the extreme ones only)")
+  else:
+    r.add("quasi_static", "frac_conserved_dims", conserved,
+          note=f"|λ| = 1 within {unit_tol:g}: stored quantities (e.g. θ₀), not memory or "
+               f"instability")
+  r.add("quasi_static", "frac_unstable", unstable, note=f"|λ| > 1 + {unit_tol:g}", estimator=est)
   for m in ("effective_step", "cos_ubar_neg_grad", "fp_residual"):
     r.add("quasi_static", m, ctx.per_task_mean(m))
   ctx.lap("quasi_static_rows")
@@ -240,7 +266,7 @@ def fit_results(ctx: SplitContext) -> dict:
                                                  ctx.train_ix, real["metric_train_only"])
   out = {"fit": real, "null": null, "include": include, "excluded": excluded, "rows": rows_t,
          "ht_r2": ht_r2, "ht_r2_0": ht_r2_0, "corr": c_mean, "n_fit": n_fit}
-  if ctx.use_qs and ctx.sm.dim <= int(ctx.knob("qs_fit_max_state")):
+  if ctx.use_qs and (ctx.sm.dim <= int(ctx.knob("qs_fit_max_state")) or ctx.qs_matfree):
     sub = np.unique(np.linspace(0, ctx.t_len - 1, min(ctx.t_len, int(ctx.knob("qs_fit_steps")))
                                 ).round().astype(np.int32))
     ubar = ctx.qs_updates(sub)

@@ -51,6 +51,10 @@ DEFAULTS = {
     "qs_fit_steps": 25,         # steps per task at which ū is solved for the qs: fit (>= 4)
     "qs_fit_max_state": 256,    # largest float-state size for the qs: fit (>= 0)
     "num_sens_probes": 8,       # Rademacher probes of diag(∂u/∂g) when n > dense_max (>= 1)
+    "num_fit_probes": 8,        # Gaussian probes of the block metric fit when n > dense_max (>= 1)
+    "qs_matfree": True,         # above qs_max_state: Krylov quasi-static reduction (else undefined)
+    "krylov_dim": 20,           # Arnoldi / GMRES subspace size of the matrix-free reduction (>= 2)
+    "point_batch_mb": 1024,     # above this many MiB of probe products, points run one at a time
     "fit_iters": 20,            # ALS iterations of the objective fit (>= 1)
     "heldout_frac": 0.25,       # share of the last steps held out of the objective fit (0 < x < 1)
     "vif_max": 100.0,           # largest variance inflation factor of an identifiable term (> 1)
@@ -72,7 +76,8 @@ ROW_ANALYSES = ("nci", "transverse", "nci_metric", "quasi_static", "objective_fi
 # (analysis, metric) pairs compared in paired-difference and split-difference rows.
 PAIRED_METRICS = (
     ("nci", "nci"), ("transverse", "transverse"), ("nci_metric", "nci:fitted_diag"),
-    ("nci_metric", "nci:own_diag"), ("nci_metric", "nci:dense_spd"),
+    ("nci_metric", "nci:own_diag"), ("nci_metric", "nci:fitted_block"),
+    ("nci_metric", "nci:dense_spd"),
     ("quasi_static", "effective_step"),
     ("objective_fit", "r2_heldout_steps"), ("objective_fit", "r2_gain_heldout_steps"),
     ("objective_fit", "r2_heldout_tasks"), ("objective_fit", "frac_eta_positive"),

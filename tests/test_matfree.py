@@ -1,0 +1,167 @@
+"""Matrix-free estimators (mesajax/analysis/matfree.py) against their dense references, float64."""
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+import pytest
+from jax.flatten_util import ravel_pytree
+
+from mesajax.analysis import fields, matfree, nci, suite
+from mesajax.analysis import quasi_static as qs
+from mesajax.optimizers.base import make_context
+from mesajax.optimizers.baselines import Adam
+from mesajax.optimizers.mlp_lopt import MLPLOpt
+from mesajax.splits import Split
+from mesajax.tasks.quadratic import Quadratic
+
+DIM = 6
+
+
+def test_arnoldi_ritz_values_match_dense_eigenvalues():
+  rng = np.random.default_rng(0)
+  with jax.enable_x64(True):
+    a = jnp.asarray(rng.standard_normal((12, 12)) / np.sqrt(12))
+    h, q = matfree.arnoldi(lambda v: a @ v, jnp.asarray(rng.standard_normal(12)), 12)
+    ritz = np.sort_complex(matfree.ritz_values(h))
+    np.testing.assert_allclose(ritz, np.sort_complex(np.linalg.eigvals(np.asarray(a))), atol=1e-8)
+    # Invariant Krylov space: a diagonal map with 3 distinct decays breaks down after 3 steps and
+    # its Ritz values are exactly the decays (the per-coordinate optimizer state maps).
+    d = jnp.asarray(np.repeat([0.5, 0.9, 0.999], 40))
+    h, _ = matfree.arnoldi(lambda v: d * v, jnp.asarray(rng.standard_normal(120)), 10)
+    np.testing.assert_allclose(np.sort(matfree.ritz_values(h).real), [0.5, 0.9, 0.999], atol=1e-10)
+
+
+def test_gmres_solve_and_its_tangent():
+  rng = np.random.default_rng(1)
+  with jax.enable_x64(True):
+    a = jnp.eye(15) * 2.0 + jnp.asarray(rng.standard_normal((15, 15))) * 0.2
+    b, db = jnp.asarray(rng.standard_normal(15)), jnp.asarray(rng.standard_normal(15))
+    mv = lambda x: a @ x
+    x, dx = jax.jit(lambda b, db: jax.jvp(lambda bb: matfree.solve(mv, bb, m=15), (b,), (db,)))(
+        b, db)
+    np.testing.assert_allclose(x, np.linalg.solve(np.asarray(a), np.asarray(b)), rtol=1e-9)
+    np.testing.assert_allclose(dx, np.linalg.solve(np.asarray(a), np.asarray(db)), rtol=1e-9)
+
+
+def _qs_setup(opt, seed=0):
+  fam = Quadratic(dim=DIM, cond=10.0)
+  task = fam.sample(jax.random.PRNGKey(seed))
+  params = {"theta": jax.random.normal(jax.random.PRNGKey(seed + 1), (DIM,), jnp.float64)}
+  phi = opt.init_phi(jax.random.PRNGKey(2))
+  phi = jax.tree.map(lambda x: jnp.asarray(x, jnp.float64) if jnp.issubdtype(
+      jnp.result_type(x), jnp.floating) else x, phi)
+  state = opt.init(phi, params)
+  ctx = make_context(5, 100, 0.5)
+  return fam, task, params, phi, state, ctx, qs.StateMap(opt, state, params)
+
+
+@pytest.mark.parametrize("opt", [Adam(learning_rate=0.01, b1=0.8, b2=0.95), MLPLOpt()],
+                         ids=["adam", "mlp_lopt"])
+def test_newton_krylov_and_implicit_tangent_match_dense(opt):
+  with jax.enable_x64(True):
+    fam, task, params, phi, state, ctx, sm = _qs_setup(opt)
+    g = ravel_pytree(jax.grad(fam.train_loss_full)(params, task))[0]
+    dense = jax.jit(lambda g: qs.solve_point(sm, state, g, params, phi, ctx))(g)
+    s0, others = sm.split(state)
+    shift = qs._reg(g.dtype)
+    dg = jax.random.normal(jax.random.PRNGKey(3), g.shape, g.dtype)
+    start = jax.random.normal(jax.random.PRNGKey(0), s0.shape, s0.dtype)
+
+    @jax.jit
+    def matrix_free(g):  # one compiled program (eager fori_loops are slow)
+      args = (g, params, phi, ctx, others)
+      s_mf = matfree.newton_krylov(sm.F, s0, args, shift, m=16)
+      _, jf = jax.linearize(lambda x: sm.F(x, args), s_mf)
+      h, _ = matfree.arnoldi(jf, start, 16)
+      f_mf = lambda gg: matfree.implicit_fixed_point(sm.F, s_mf, (gg,) + args[1:], shift, 16)
+      return s_mf, sm.u(s_mf, args), h, jax.jvp(f_mf, (g,), (dg,))[1]
+
+    s_mf, u_mf, h, t_mf = matrix_free(g)
+    np.testing.assert_allclose(s_mf, dense["s_star"], rtol=1e-8, atol=1e-12)
+    np.testing.assert_allclose(u_mf, dense["u_bar"], rtol=1e-7, atol=1e-12)
+    # Memory: Arnoldi magnitudes = the dense eigenvalue magnitudes (distinct, largest first).
+    np.testing.assert_allclose(qs.distinct_magnitudes(matfree.ritz_values(h), 3),
+                               qs.distinct_magnitudes(np.linalg.eigvals(dense["jac"]), 3),
+                               atol=1e-8)
+    # The implicit tangent of s*(g): one GMRES solve against the dense shifted inverse.
+    args = (g, params, phi, ctx, others)
+    f_dn = lambda gg: qs.implicit_fixed_point(sm.F, s0, (gg,) + args[1:],
+                                              solution=(dense["s_star"], dense["jac"]))
+    t_dn = jax.jit(lambda g: jax.jvp(f_dn, (g,), (dg,))[1])(g)
+    np.testing.assert_allclose(t_mf, t_dn, rtol=1e-6, atol=1e-10 * float(jnp.max(jnp.abs(t_dn))))
+
+
+def test_block_metric_probes_match_dense():
+  rng = np.random.default_rng(3)
+  n, sizes = 12, (5, 7)
+  with jax.enable_x64(True):
+    j = jnp.asarray(rng.standard_normal((n, n)))
+    own = jnp.asarray(rng.uniform(0.5, 2.0, n))
+    basis = matfree.leaf_basis(sizes, own)
+    c_ex, r_ex = matfree.block_metric_exact(j, basis)
+    lin = lambda v: j @ v
+    # Probes √n·e_k make the Hutchinson averages exact traces.
+    c_k, r_k = jax.jit(matfree.block_metric_products, static_argnums=0)(
+        lin, jnp.sqrt(n) * jnp.eye(n), basis)
+    np.testing.assert_allclose(c_k.mean(0), c_ex, rtol=1e-10, atol=1e-10)
+    np.testing.assert_allclose(r_k.mean(0), r_ex, rtol=1e-10, atol=1e-10)
+    # A J that diag(d) symmetrises, d in the family: the fit recovers d and NCI_M = 0.
+    d_true = basis.T @ jnp.asarray([1.0, 3.0, 0.5, 0.0])
+    s = jnp.asarray(rng.standard_normal((n, n)))
+    js = (s + s.T) / d_true[:, None]      # diag(d) J = S + Sᵀ
+    basis = matfree.leaf_basis(sizes, own)
+    m, nci_min = matfree.fit_block_metric(*matfree.block_metric_exact(js, basis), basis)
+    assert float(nci.nci_exact(js, m)[0]) < 1e-6 and float(nci_min) < 1e-6
+    f = jnp.asarray(rng.standard_normal((4000, n)))
+    m_p, _ = matfree.fit_block_metric(*[x.mean(0) for x in matfree.block_metric_products(
+        lambda v: js @ v, f, basis)], basis)
+    np.testing.assert_allclose(m_p, m, rtol=0.1)
+    assert float(nci.nci_exact(js, m_p)[0]) < 0.05
+
+
+def test_jackknife_se_matches_spread_over_probe_draws():
+  rng = np.random.default_rng(4)
+  n, k, reps = 10, 16, 300
+  with jax.enable_x64(True):
+    j = jnp.asarray(rng.standard_normal((n, n)))
+    v = jnp.asarray(rng.standard_normal((reps, k, n)))
+    w = jnp.asarray(rng.standard_normal((reps, k, n)))
+
+    def one(v, w):
+      p = nci.Probes(v, w, v @ j.T, w @ j.T, jnp.zeros(n), jnp.zeros(n))
+      s, t = nci.st_from_probes(p)
+      return nci.nci_from_probes(p)[0], matfree.jackknife_nci(s, t)
+
+    est, se = jax.vmap(one)(v, w)
+  sd = float(np.std(np.asarray(est), ddof=1))
+  assert 0.7 < float(np.median(se)) / sd < 1.4
+  total, point = matfree.probe_se_of_mean(np.asarray(se).reshape(30, 10))
+  np.testing.assert_allclose(total, np.sqrt(np.sum(np.asarray(se) ** 2)) / 300, rtol=1e-9)
+
+
+@pytest.mark.slow  # four compiled point programs (dense / matrix-free, with and without ū)
+def test_suite_matrix_free_rows_agree_with_dense():
+  """dense_max = qs_max_state = 0 forces every estimator matrix-free on a tiny problem; the rows
+  agree with the dense run within the probe standard errors (NCI) or to round-off (Krylov)."""
+  fam = Quadratic(dim=4, cond=5.0, init_scale=1.0)
+  splits = {"heldout": Split("heldout", fam, 24)}
+  base = dict(suite.DEFAULTS, num_tasks=4, num_steps=12, num_points=2, n_boot=20, num_perms=0,
+              controls=(), endpoint_steps=50, spd_max=0, num_probes=256, num_fit_probes=256)
+  opt = Adam(learning_rate=0.05, b1=0.8, b2=0.95)
+  phi = opt.init_phi(None)
+  run = lambda **kw: {(r["analysis"], r["metric"]): r for r in suite.run_analyses(
+      opt, phi, "adam", splits, ml_collections.ConfigDict(dict(base, **kw)), 0,
+      stages=("nci", "quasi_static"))}
+  dense, mf = run(), run(dense_max=0, qs_max_state=0)
+  assert mf[("quasi_static", "eig_1")]["estimator"].startswith("Arnoldi")
+  for key in (("quasi_static", "eig_1"), ("quasi_static", "eig_2"),
+              ("quasi_static", "effective_step")):
+    np.testing.assert_allclose(mf[key]["value"], dense[key]["value"], rtol=1e-6)
+  assert mf[("quasi_static", "frac_conserved_dims")]["undefined"]
+  for key in (("nci", "nci"), ("nci", "qs:nci")):
+    assert "probe_se" in mf[key] and "probe_se" not in dense[key]
+    assert abs(mf[key]["value"] - dense[key]["value"]) < 5 * mf[key]["probe_se"] + 1e-6, key
+  # The probe-fitted metric is near the exact fit's (Adam: the own-metric block symmetrises J, so
+  # 0); fit noise only raises it (probe_se covers the evaluation, not the fit).
+  key = ("nci_metric", "nci:fitted_block")
+  assert dense[key]["value"] < 1e-8 and mf[key]["value"] < 0.05
