@@ -67,7 +67,9 @@ def test_end_to_end_through_run_py(tmp_path):
   workdir = str(tmp_path / "run")
   proc = run_cli("--config", os.path.join(ROOT, "configs", "quickstart.py") + ":smoke",
                  f"--config.task.name={ROSENBROCK}", f"--config.optimizer.name={LION}",
-                 f"--config.eval.baselines=('sgd', '{LION}')", "--config.name=lion_meta",
+                 f"--config.eval.baselines=('{LION}',)", "--config.name=lion_meta",
+                 # no shift and no controls: the main job's smoke test runs those paths
+                 "--config.shifts={}", "--config.analysis.controls=()",
                  "--workdir", workdir, "--noprogress", timeout=900)
   assert proc.returncode == 0, proc.stderr[-3000:]
   rows = [json.loads(line) for line in open(os.path.join(workdir, "results.jsonl"))]

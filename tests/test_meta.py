@@ -15,7 +15,8 @@ from mesajax.meta.outer import MetaTrainer
 from mesajax.meta.train import train
 
 
-@pytest.mark.parametrize("estimator", ["tbptt", "pes"])
+# TBPTT (the default estimator) in every suite; PES with the slow checks.
+@pytest.mark.parametrize("estimator", ["tbptt", pytest.param("pes", marks=pytest.mark.slow)])
 def test_outer_step_compiles_once(estimator):
   trainer = MetaTrainer(smoke_config(estimator=estimator))
   traces = []
@@ -50,7 +51,8 @@ def test_non_finite_update_is_skipped_and_counted():
   assert all(np.all(np.isfinite(x)) for x in jax.tree.leaves(jax.device_get(state.phi)))
 
 
-@pytest.mark.parametrize("estimator", ["tbptt", "pes"])
+# TBPTT here; PES resume with the slow checks (tests/test_faults.py resumes bit-exactly too).
+@pytest.mark.parametrize("estimator", ["tbptt", pytest.param("pes", marks=pytest.mark.slow)])
 def test_resume_gives_identical_phi(tmp_path, estimator):
   cfg4 = smoke_config(estimator=estimator, num_outer_steps=4, checkpoint_every=100)
   cfg2 = smoke_config(estimator=estimator, num_outer_steps=2, checkpoint_every=100)
@@ -113,8 +115,12 @@ print(json.dumps(out))
 """
 
 
+@pytest.mark.slow
 def test_sharded_meta_gradient_matches_one_device():
-  """8 forced host devices (the task axis sharded 8 ways) give one device's meta-gradient."""
+  """8 forced host devices (the task axis sharded 8 ways) give one device's meta-gradient.
+
+  Slow check: every suite run covers the sharded task axis with two processes x two devices
+  against one device (tests/test_distributed.py::test_two_processes_match_one_device)."""
   env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=8",
              JAX_PLATFORMS="cpu")
   script = SHARDING_SCRIPT.format(root=ROOT, tests=os.path.join(ROOT, "tests"))
