@@ -90,7 +90,7 @@ def benchmark(config, steps: int = 100, repeats: int = 3) -> dict:
       "config": c.name, "estimator": c.meta.estimator, "num_tasks": c.meta.num_tasks,
       "unroll_length": c.meta.unroll_length, "horizon": c.meta.horizon,
       "task": c.task.name, "dim": c.task.kwargs.to_dict().get("dim"),
-      "optimizer": c.optimizer.name,
+      "optimizer": c.optimizer.name, "inner_dtype": c.meta.inner_dtype,
       "num_meta_params": sum(x.size for x in jax.tree.leaves(state.phi)),
       "num_devices": c.meta.num_devices, "backend": jax.default_backend(),
       "device_kind": jax.devices()[0].device_kind, "jax": jax.__version__,
