@@ -450,6 +450,11 @@ def _save(fig, path):
 
 # --- README and CLI ------------------------------------------------------------------------------
 
+def figures_section(paths: Sequence[str | None]) -> str:
+  """Markdown image links to ``figures/<name>`` for the figures written (``None``: skipped)."""
+  return "\n".join(f"![{os.path.basename(f)}](figures/{os.path.basename(f)})" for f in paths if f)
+
+
 def write_readme(workdir: str, title: str, sections: Sequence[tuple[str, str]],
                  conclusion: str) -> str:
   """``DIR/README.md``: the title, each ``(heading, markdown)`` section, then "What the numbers
@@ -477,11 +482,14 @@ def publish(workdir: str, dest: str) -> None:
 
 def main(doc: str, build: Callable[[bool], dict], report: Callable[[str, list, bool], str],
          controls: Sequence[str] = (), stages=None, argv=None,
-         runner: Callable[[dict, str], list] | None = None) -> int:
+         runner: Callable[[dict, str], list] | None = None,
+         quick_controls: Sequence[str] | None = None, quick_stages=None) -> int:
   """The ``run.py`` command line: ``--workdir DIR [--quick] [--regenerate] [--publish DEST]``.
 
   ``build(quick) -> {variant: Variant}``; ``report(workdir, rows, quick) -> README path``;
   ``runner(variants, workdir) -> rows`` replaces ``run_variants`` (e.g. to add known-answer rows).
+  ``quick_controls`` / ``quick_stages``: what ``--quick`` runs instead of ``controls`` /
+  ``stages`` (None: the same).
   Bad input is a one-line error and exit status 2 before anything compiles."""
   ap = argparse.ArgumentParser(description=doc.strip().splitlines()[0])
   ap.add_argument("--workdir", required=True, help="output directory (created)")
@@ -501,6 +509,9 @@ def main(doc: str, build: Callable[[bool], dict], report: Callable[[str, list, b
       variants = build(args.quick)
       for v in variants.values():
         v.params = dict(v.params, quick=bool(args.quick))
+      if args.quick:
+        controls = controls if quick_controls is None else quick_controls
+        stages = stages if quick_stages is None else quick_stages
       rows = (runner(variants, args.workdir) if runner is not None else
               run_variants(variants, args.workdir, controls=controls, stages=stages))
       quick = args.quick

@@ -102,8 +102,7 @@ def report(workdir: str, rows: list, quick: bool) -> str:
        "`effective_step`: the quasi-static effective step size of the update (stateful "
        "optimizers); `cos_u_neg_outer_grad`: mean cosine of the update with −∇L_val.\n\n"
        + common.analysis_table(rows, ALIGN_ITEMS)),
-      ("Figures", "\n".join(f"![{os.path.basename(f)}](figures/{os.path.basename(f)})"
-                            for f in figs if f)),
+      ("Figures", common.figures_section(figs)),
       ("Timing (wall seconds on the machine that ran it)", common.timing_table(rows)),
   ]
   return common.write_readme(workdir, "Experiment 4: scale", sections,
@@ -112,10 +111,9 @@ def report(workdir: str, rows: list, quick: bool) -> str:
 
 
 def main(argv=None) -> int:
-  quick = "--quick" in (sys.argv[1:] if argv is None else argv)
   # --quick: one tuned control (each adds its own compiles); the full size runs Adam and SGD.
-  return common.main(__doc__, build, report, controls=CONTROLS[:1] if quick else CONTROLS,
-                     stages=QUICK_STAGES if quick else STAGES, argv=argv)
+  return common.main(__doc__, build, report, controls=CONTROLS, stages=STAGES, argv=argv,
+                     quick_controls=CONTROLS[:1], quick_stages=QUICK_STAGES)
 
 
 if __name__ == "__main__":

@@ -117,8 +117,7 @@ def report(workdir: str, rows: list, quick: bool) -> str:
        "analysed steps (< 0: the update climbs the validation loss while descending the training "
        "loss: overfitting). `frac_outer_descent`: share of steps that lower the validation loss.\n\n"
        + common.analysis_table(rows, ALIGN_ITEMS)),
-      ("Figures", "\n".join(f"![{os.path.basename(f)}](figures/{os.path.basename(f)})"
-                            for f in figs if f)),
+      ("Figures", common.figures_section(figs)),
       ("Timing (wall seconds on the machine that ran it)", common.timing_table(rows)),
   ]
   return common.write_readme(workdir, "Experiment 2: train versus validation", sections,
@@ -127,10 +126,9 @@ def report(workdir: str, rows: list, quick: bool) -> str:
 
 
 def main(argv=None) -> int:
-  quick = "--quick" in (sys.argv[1:] if argv is None else argv)
   # --quick: one tuned control (each adds its own compiles); the full size runs Adam and SGD.
-  return common.main(__doc__, build, report, controls=CONTROLS[:1] if quick else CONTROLS,
-                     stages=QUICK_STAGES if quick else STAGES, argv=argv)
+  return common.main(__doc__, build, report, controls=CONTROLS, stages=STAGES, argv=argv,
+                     quick_controls=CONTROLS[:1], quick_stages=QUICK_STAGES)
 
 
 if __name__ == "__main__":
