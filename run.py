@@ -121,17 +121,20 @@ def main(argv):
   a = parse(argv)
   from mesajax import checkpoint, lock
   from mesajax.config import load, resolve
-  from mesajax import distributed, pipeline, rundir
+  from mesajax import compile_cache, distributed, pipeline, rundir
   needs_config = a.command in ("all", "train") or (a.command == "analyze" and a.optimizer)
   try:
     if needs_config:
       spec = a.config or os.path.join(HERE, "configs", "quickstart.py")
       config = load(spec, a.overrides)
       # Multi-process runs (docs/distributed.md): before any other jax call.
-      if distributed.initialize(config) > 1 and a.command != "train":
+      nproc = distributed.initialize(config)
+      if nproc > 1 and a.command != "train":
         fail("a multi-process run (config.distributed) is for `train`; evaluate, analyze and "
              "report afterwards in one process with --workdir")
       config = resolve(config)  # every check; nothing written yet
+      if nproc <= 1:  # one process: XLA's persistent cache (mesajax/compile_cache.py)
+        compile_cache.enable()
       workdir = a.workdir or os.path.join("runs", config.name)
       rundir.check_workdir(workdir)
       if a.command == "all":
@@ -155,6 +158,7 @@ def main(argv):
       fail(f"--workdir {a.workdir} is not a directory")
     if a.command in ("evaluate", "analyze"):
       pipeline.load_run_config(a.workdir)
+      compile_cache.enable()
       if a.checkpoint is None and not checkpoint.all_steps(a.workdir):
         fail(f"{a.workdir} has no checkpoint yet; train first")
     if a.command == "evaluate":

@@ -128,6 +128,7 @@ def base_config() -> ml_collections.ConfigDict:
   c.analysis.krylov_dim = 20     # Arnoldi/GMRES subspace size of that reduction, in [2, 1000]
   c.analysis.point_batch_mb = 1024  # probe products above this (MiB): points one at a time (>= 1)
   c.analysis.fit_iters = 20      # ALS iterations of the objective fit (>= 1)
+  c.analysis.fit_max_coords = 2048  # above this n the fit uses a random subset of coordinates
   c.analysis.num_eigs = 4        # quasi-static eigenvalues reported (>= 1)
   c.analysis.probe_max_rows = 50000  # rows used to fit the hidden-state probes (>= 1)
   c.analysis.qs_fit_steps = 25   # trajectory steps per task at which u-bar is solved (>= 1)
@@ -597,7 +598,7 @@ ANALYSIS_BOUNDS = {
     "qs_fit_steps": (1, MAX_COUNT, False), "qs_fit_max_state": (0, 10**5, False),
     "spd_max": (0, 256, False), "num_perms": (0, 10**4, False),
     "num_fit_probes": (1, 10**4, False), "krylov_dim": (2, 1000, False),
-    "point_batch_mb": (1, 10**7, False),
+    "point_batch_mb": (1, 10**7, False), "fit_max_coords": (1, 10**9, False),
 }
 
 

@@ -220,3 +220,35 @@ def test_every_knob_has_a_default():
                                                                      src))
   assert used and used <= set(suite.DEFAULTS), used - set(suite.DEFAULTS)
   assert suite.DEFAULTS["num_tasks"] >= 32
+
+
+@dataclasses.dataclass(frozen=True)
+class WeightDecayGD(Optimizer):
+  """u = −η(∇L_train + λθ): gradient descent on L_train + λ·½‖θ‖² (known answer w:l2 = λ)."""
+
+  name = "wd_gd"
+  lam: float = 0.1
+
+  def init_phi(self, key=None):
+    return {"log_lr": jnp.log(0.2)}
+
+  def init(self, phi, params):
+    return ()
+
+  def update(self, phi, state, grads, params, ctx):
+    lr = jnp.exp(phi["log_lr"])
+    return jax.tree.map(lambda g, p: -lr * (g + self.lam * p), grads, params), state
+
+
+def test_objective_fit_on_a_coordinate_subset_keeps_the_known_answer():
+  """Above fit_max_coords the fit sees a random subset of the coordinates; the weight of an exact
+  objective is recovered from the subset as from all of them."""
+  opt = WeightDecayGD(lam=0.1)
+  run = lambda **kw: suite.run_analyses(opt, opt.init_phi(), "wd_gd", _splits(dim=8),
+                                        _acfg(**kw), seed=0, stages=("objective_fit",))
+  full, sub = run(), run(fit_max_coords=5)
+  for rows, coords in ((full, "all 8"), (sub, "5 of 8 (uniform random subset)")):
+    w = _by(rows, "objective_fit", "w:l2")
+    np.testing.assert_allclose(w["value"], 0.1, rtol=1e-6)
+    r2 = _by(rows, "objective_fit", "r2_heldout_steps")
+    assert r2["value"] > 0.9999 and r2["fit_coords"] == coords

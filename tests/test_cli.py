@@ -113,3 +113,14 @@ def test_interrupt_saves_a_checkpoint_and_resume_finishes(tmp_path):
   assert checkpoint.all_steps(workdir)[-2:] == [saved, saved + 2]
   steps = [json.loads(l)["outer_step"] for l in open(metrics)]
   assert steps == list(range(1, saved + 3))
+
+
+def test_compile_cache_directory_from_the_environment(monkeypatch, tmp_path):
+  from mesajax import compile_cache
+  monkeypatch.setenv(compile_cache.ENV, str(tmp_path / "c"))
+  assert compile_cache.cache_dir() == str(tmp_path / "c")
+  for off in ("off", "0", "", "OFF"):
+    monkeypatch.setenv(compile_cache.ENV, off)
+    assert compile_cache.cache_dir() is None and compile_cache.enable() is None
+  monkeypatch.delenv(compile_cache.ENV)
+  assert compile_cache.cache_dir() == os.path.expanduser("~/.cache/mesajax/jax")

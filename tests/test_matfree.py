@@ -161,6 +161,16 @@ def test_suite_matrix_free_rows_agree_with_dense():
   for key in (("nci", "nci"), ("nci", "qs:nci")):
     assert "probe_se" in mf[key] and "probe_se" not in dense[key]
     assert abs(mf[key]["value"] - dense[key]["value"]) < 5 * mf[key]["probe_se"] + 1e-6, key
+  # Dense u, matrix-free ū (n <= dense_max, state > qs_max_state): u stays exact, ū is probed
+  # (each of its tangents is a GMRES solve, so n of them would cost n solves per point).
+  mixed = run(qs_max_state=0)
+  assert "probe_se" not in mixed[("nci", "nci")]
+  np.testing.assert_allclose(mixed[("nci", "nci")]["value"], dense[("nci", "nci")]["value"],
+                             rtol=1e-9)
+  q = mixed[("nci", "qs:nci")]
+  assert "probe_se" in q and q["estimator"].startswith("probes")
+  assert abs(q["value"] - dense[("nci", "qs:nci")]["value"]) < 5 * q["probe_se"] + 1e-6
+  assert "matrix-free" in mixed[("nci_metric", "qs:nci:fitted_diag")]["undefined"]
   # The probe-fitted metric is near the exact fit's (Adam: the own-metric block symmetrises J, so
   # 0); fit noise only raises it (probe_se covers the evaluation, not the fit).
   key = ("nci_metric", "nci:fitted_block")

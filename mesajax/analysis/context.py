@@ -101,8 +101,25 @@ class Rows:
 
 # --- device programs (one jit each per optimizer and split shape) ---------------------------------
 
+# Up to this many parameters every analysis program (trajectories, points, quasi-static solves,
+# end-point runs; not the objective fit, whose execution dominates) compiles at XLA's backend
+# optimisation level 0: each runs once per (optimizer, split) on small arrays, so LLVM's
+# optimisation costs more time than it saves (quickstart: one split's analyses 54 s -> 42 s).
+# Above it, execution dominates and the default level applies. Code generated at another level
+# rounds float32 differently (contraction into FMAs, reduction order): the float64 quantities agree
+# to ~1e-9, while quantities that amplify float32 round-off along hundreds of steps move by a few
+# per cent (end-point update norms; the median condition number of the clipped fitted diagonal
+# metric, 353 -> 430 with CI [235, 1022]) — well inside their confidence intervals.
+FAST_COMPILE_MAX_PARAMS = 4096
+_FAST = {"xla_backend_optimization_level": 0}
+
+
+def _jit(fn, fast: bool):
+  return jax.jit(fn, compiler_options=_FAST) if fast else jax.jit(fn)
+
+
 @functools.lru_cache(maxsize=64)
-def _trajectory_fn(opt, family, num_steps, want_curvature):
+def _trajectory_fn(opt, family, num_steps, want_curvature, fast=False):
   fb = FullBatch(family)
 
   def one(phi, horizon, task, key):
@@ -133,7 +150,7 @@ def _trajectory_fn(opt, family, num_steps, want_curvature):
       out["curvature"] = jnp.sum(u * hu, 1) / jnp.maximum(jnp.sum(u * u, 1), 1e-30)
     return out
 
-  return jax.jit(jax.vmap(one, in_axes=(None, None, 0, 0)))
+  return _jit(jax.vmap(one, in_axes=(None, None, 0, 0)), fast)
 
 
 def field_metrics(field, u_of_g, theta, v, w, z, dense: bool, want_jac: bool,
@@ -202,7 +219,8 @@ def field_metrics(field, u_of_g, theta, v, w, z, dense: bool, want_jac: bool,
 
 
 @functools.lru_cache(maxsize=64)
-def _points_fn(opt, family, dense, want_jac, sm, segments=(), krylov=0, sequential=False):
+def _points_fn(opt, family, dense, want_jac, sm, segments=(), krylov=0, sequential=False,
+               fast=False):
   """Float64 Jacobian analyses at points (call inside ``jax.enable_x64(True)``).
 
   ``krylov`` > 0: the quasi-static reduction is matrix-free (Newton–Krylov fixed point, Arnoldi
@@ -244,13 +262,17 @@ def _points_fn(opt, family, dense, want_jac, sm, segments=(), krylov=0, sequenti
       out["fp_residual"] = res
       qfield = fields.update_field(opt, phi, family, task, state, ctx, params, state_fn=state_fn)
       qu_of_g = fields.update_of_grad(opt, phi, state, params, ctx, state_fn=state_fn)
-      qout, _, _ = field_metrics(qfield, qu_of_g, theta, v, w, z, dense, want_jac, segments, f)
+      # Matrix-free ū: every tangent is a GMRES solve, so the probe estimators (2K + 1 + ...
+      # tangents) replace the dense Jacobian (n tangents) at every n.
+      qdense = dense and not krylov
+      qout, _, _ = field_metrics(qfield, qu_of_g, theta, v, w, z, qdense, want_jac and qdense,
+                                 segments, f)
       out.update({f"qs:{k}": val for k, val in qout.items()})
     return out
 
   if not sequential and (sm is None or qs.batchable(sm.dim)):
     over_points = jax.vmap(point, in_axes=(None, None, None, 0, 0, 0, 0, 0, 0, 0))
-    return jax.jit(jax.vmap(over_points, in_axes=(None, None, 0, 0, 0, None, 0, 0, 0, 0)))
+    return _jit(jax.vmap(over_points, in_axes=(None, None, 0, 0, 0, None, 0, 0, 0, 0)), fast)
 
   def seq(phi, horizon, tasks, params, states, steps, v, w, z, f):
     b, p = v.shape[:2]
@@ -260,11 +282,11 @@ def _points_fn(opt, family, dense, want_jac, sm, segments=(), krylov=0, sequenti
     out = jax.lax.map(lambda a: point(phi, horizon, *a), xs)
     return jax.tree.map(lambda x: x.reshape((b, p) + x.shape[1:]), out)
 
-  return jax.jit(seq)  # large states: unbatched LAPACK inverses (quasi_static._inverse)
+  return _jit(seq, fast)  # large states: unbatched LAPACK inverses (quasi_static._inverse)
 
 
 @functools.lru_cache(maxsize=64)
-def _qs_trajectory_fn(opt, family, sm, krylov=0):
+def _qs_trajectory_fn(opt, family, sm, krylov=0, fast=False):
   """ū at trajectory points in float64 (for the ``qs:`` objective fit): a fixed-point solve each
   (Newton–Krylov with ``krylov``-dimensional spaces when ``krylov`` > 0, else dense Newton)."""
 
@@ -279,7 +301,7 @@ def _qs_trajectory_fn(opt, family, sm, krylov=0):
 
   if qs.batchable(sm.dim):
     over_t = jax.vmap(one_step, in_axes=(None, None, None, 0, 0, 0, 0))
-    return jax.jit(jax.vmap(over_t, in_axes=(None, None, 0, 0, 0, None, 0)))
+    return _jit(jax.vmap(over_t, in_axes=(None, None, 0, 0, 0, None, 0)), fast)
 
   def sequential(phi, horizon, tasks, params, states, steps, g):
     b, t = g.shape[:2]
@@ -289,11 +311,11 @@ def _qs_trajectory_fn(opt, family, sm, krylov=0):
     out = jax.lax.map(lambda a: one_step(phi, horizon, *a), xs)
     return out.reshape((b, t) + out.shape[1:])
 
-  return jax.jit(sequential)
+  return _jit(sequential, fast)
 
 
 @functools.lru_cache(maxsize=64)
-def _endpoint_fn(opt, family):
+def _endpoint_fn(opt, family, fast=False):
   """Runs ``steps`` (traced) full-batch steps; returns the dictionary gradients and the update
   norm at the end point."""
   fb = FullBatch(family)
@@ -310,7 +332,7 @@ def _endpoint_fn(opt, family):
     u_end = ravel_pytree(opt.update(phi, fin.opt_state, g_tree, fin.params, ctx)[0])[0]
     return grads, jnp.linalg.norm(u_end)
 
-  return jax.jit(jax.vmap(one, in_axes=(None, None, None, 0, 0)))
+  return _jit(jax.vmap(one, in_axes=(None, None, None, 0, 0)), fast)
 
 
 def _point_indices(num_steps, num_points):
@@ -349,6 +371,10 @@ class SplitContext:
 
   def __init__(self, opt, phi, opt_name, split, acfg, seed, defaults, timings=None,
                common: dict | None = None):
+    # One placement for every φ: a restored checkpoint's φ carries the meta-training mesh's
+    # NamedSharding, a fresh φ (the untrained null) a single-device one, and jit compiles each
+    # input sharding separately (the null pass recompiled every program).
+    phi = jax.device_put(phi, jax.local_devices()[0])
     self.opt, self.phi, self.opt_name, self.split = opt, phi, opt_name, split
     self.acfg, self.seed, self.defaults, self.timings = acfg, int(seed), defaults, timings
     self.fam = split.family
@@ -374,6 +400,7 @@ class SplitContext:
     self.use_qs = 0 < self.sm.dim and (self.sm.dim <= int(self.knob("qs_max_state"))
                                        or self.qs_matfree)
     self.hz = jnp.asarray(self.horizon, jnp.int32)
+    self.fast = self.n_params <= FAST_COMPILE_MAX_PARAMS
     self._tick = time.perf_counter()
 
   def knob(self, name):
@@ -388,7 +415,7 @@ class SplitContext:
 
   @functools.cached_property
   def traj(self) -> dict:
-    fn = _trajectory_fn(self.opt, self.fam, self.t_len, self.hidden_like is not None)
+    fn = _trajectory_fn(self.opt, self.fam, self.t_len, self.hidden_like is not None, self.fast)
     out = jax.block_until_ready(fn(self.phi, self.hz, self.tasks, self.keys))
     self.lap("trajectories")
     return out
@@ -420,9 +447,11 @@ class SplitContext:
     want_jac = n <= int(self.knob("spd_max"))
     # Probes on the host (threefry inside jit is slow to compile on CPU), from the split's key.
     rng = np.random.default_rng(np.asarray(self.k_pts, np.uint32))
-    k_pr = 1 if dense else int(self.knob("num_probes"))
-    k_sens = 1 if dense else int(self.knob("num_sens_probes"))
-    k_fit = 1 if dense else int(self.knob("num_fit_probes"))
+    # Probes wherever a field is not dense: above dense_max, and for ū when it is matrix-free.
+    probed = not dense or self.qs_matfree
+    k_pr = int(self.knob("num_probes")) if probed else 1
+    k_sens = int(self.knob("num_sens_probes")) if probed else 1
+    k_fit = int(self.knob("num_fit_probes")) if probed else 1
     v = rng.standard_normal((b, p_num, k_pr, n))
     w = rng.standard_normal((b, p_num, k_pr, n))
     z = rng.choice(np.array([-1.0, 1.0]), (b, p_num, k_sens, n))
@@ -431,17 +460,19 @@ class SplitContext:
     krylov = int(self.knob("krylov_dim")) if self.qs_matfree else 0
     # Every point at once unless its probe products would exceed point_batch_mb (float64).
     jvps = 2 * k_pr + 1 + k_fit * (2 * len(segments) + 1)
-    sequential = (not dense and b * p_num * jvps * n * 8 * (2 if self.use_qs else 1)
+    sequential = (probed and b * p_num * jvps * n * 8 * (2 if self.use_qs else 1)
                   > float(self.knob("point_batch_mb")) * 2 ** 20)
     with jax.enable_x64(True):
       sm = None
       if self.use_qs:
         sm = qs.StateMap(self.opt, to64(self.state_like), to64(self.params_like))
-      fn = _points_fn(self.opt, self.fam, dense, want_jac, sm, segments, krylov, sequential)
+      fn = _points_fn(self.opt, self.fam, dense, want_jac, sm, segments, krylov, sequential,
+                      self.fast)
       out = fn(self.phi, self.hz, self.tasks, params_pts, states_pts, jnp.asarray(idx), v, w, z, f)
       out = jax.tree.map(np.asarray, jax.block_until_ready(out))
     self.lap("points")
     out["_dense"] = dense
+    out["_qs_dense"] = dense and not self.qs_matfree
     return out
 
   def per_task_mean(self, key: str) -> np.ndarray:
@@ -455,14 +486,14 @@ class SplitContext:
     with jax.enable_x64(True):
       sm = qs.StateMap(self.opt, to64(self.state_like), to64(self.params_like))
       krylov = int(self.knob("krylov_dim")) if self.qs_matfree else 0
-      out = _qs_trajectory_fn(self.opt, self.fam, sm, krylov)(
+      out = _qs_trajectory_fn(self.opt, self.fam, sm, krylov, self.fast)(
           self.phi, self.hz, self.tasks, self.params_tree(traj["thetas"][:, sub]),
           take(traj["opt_states"], jnp.asarray(sub)), jnp.asarray(sub),
           traj["grads"][:, sub, self.train_ix])
       return np.asarray(jax.block_until_ready(out))
 
   def endpoint(self, steps: int):
-    fn = _endpoint_fn(self.opt, self.fam)
+    fn = _endpoint_fn(self.opt, self.fam, self.fast)
     g_end, u_end = fn(self.phi, self.hz, jnp.asarray(steps, jnp.int32), self.tasks, self.keys)
     out = np.asarray(g_end, np.float64), np.asarray(u_end, np.float64)
     self.lap("endpoint")

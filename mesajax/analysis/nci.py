@@ -282,20 +282,29 @@ def dense_spd_metric(jacs_PxNxN, null_tol: float = 1e-4, deltas=(1e-3, 1e-2, 0.1
     c_eye = project_span(_to_coords(np.eye(n), basis))
     if np.trace(_from_coords(c_eye, basis)) > 0:
       starts.append(c_eye)
-  for c_start, delta in ((c, d) for c in starts for d in deltas):
-    c = c_start / max(np.linalg.norm(c_start), 1e-300)
-    for _ in range(n_iter):
-      mat = _from_coords(c, basis)
-      w, v = np.linalg.eigh(mat)
-      tr = max(np.sum(w), 1e-300)
-      w_clip = np.maximum(w, delta * tr / n)
-      cone = (v * w_clip) @ v.T
-      c_cone = _to_coords(cone, basis)
-      c_new = project_span(c_cone) if null_dim else c_cone
-      if np.linalg.norm(c_new - c) < 1e-10 * np.linalg.norm(c):
-        c = c_new
-        break
-      c = c_new
+  # Every (start, δ) candidate iterates at once (stacked eigendecompositions); each stops at its
+  # own convergence, so the sequence of each is that of a one-candidate loop.
+  pairs = [(c, d) for c in starts for d in deltas]
+  flat = basis.reshape(m, -1)
+  cs = np.stack([c / max(np.linalg.norm(c), 1e-300) for c, _ in pairs])
+  ds = np.array([d for _, d in pairs])
+  active = np.ones(len(pairs), bool)
+  for _ in range(n_iter):
+    idx = np.flatnonzero(active)
+    if idx.size == 0:
+      break
+    c = cs[idx]
+    w, v = np.linalg.eigh((c @ flat).reshape(-1, n, n))
+    tr = np.maximum(np.sum(w, axis=1), 1e-300)
+    w_clip = np.maximum(w, (ds[idx] * tr / n)[:, None])
+    cone = np.einsum("cij,cj,ckj->cik", v, w_clip, v)
+    c_new = cone.reshape(idx.size, -1) @ flat.T
+    if null_dim:
+      c_new = (c_new @ q) @ q.T
+    conv = np.linalg.norm(c_new - c, axis=1) < 1e-10 * np.linalg.norm(c, axis=1)
+    cs[idx] = c_new
+    active[idx[conv]] = False
+  for c in cs:
     mat = _from_coords(c, basis)
     w = np.linalg.eigvalsh(mat)
     if w[0] <= 0:

@@ -49,8 +49,15 @@ def _mark_floor(row: dict, floor: float, what: str) -> None:
   row["clears_null"] = bool(lo is not None and lo > floor)
 
 
-def _floor(ctx) -> tuple[float, str]:
-  if ctx.points["_dense"]:
+def _is_dense(ctx, prefix: str = "") -> bool:
+  """Whether the ``prefix`` field's metrics are exact (dense Jacobian) rather than probe
+  estimates: ū (``qs:``) is probed whenever the quasi-static reduction is matrix-free."""
+  pts = ctx.points
+  return bool(pts["_qs_dense"] if prefix == "qs:" else pts["_dense"])
+
+
+def _floor(ctx, prefix: str = "") -> tuple[float, str]:
+  if _is_dense(ctx, prefix):
     return float(ctx.knob("nci_floor")), "exact dense J, float64"
   return 3.0 / math.sqrt(int(ctx.knob("num_probes"))), "probe estimator (3/√K Monte-Carlo error)"
 
@@ -60,10 +67,11 @@ def _floor(ctx) -> tuple[float, str]:
 def nci_stage(ctx: SplitContext) -> list[dict]:
   start = len(ctx.rows.rows)
   r, pts = ctx.rows, ctx.points
-  floor, floor_what = _floor(ctx)
-  est = "exact (dense Jacobian, float64)" if pts["_dense"] else \
-      f"probes (K={int(ctx.knob('num_probes'))}, float64)"
   for prefix in (("", "qs:") if ctx.use_qs else ("",)):
+    floor, floor_what = _floor(ctx, prefix)
+    dense = _is_dense(ctx, prefix)
+    est = "exact (dense Jacobian, float64)" if dense else \
+        f"probes (K={int(ctx.knob('num_probes'))}, float64)"
     jz = pts[prefix + "j_zero"]
     reason = _j_reason(jz)
     pt = ctx.per_task_mean
@@ -73,8 +81,10 @@ def nci_stage(ctx: SplitContext) -> list[dict]:
                              ("nci_metric", "nci:fitted_block")):
       key = prefix + ("nci" if metric == "nci:identity" else metric)
       if key not in pts:
-        why = (f"needs the dense Jacobian: n = {ctx.n_params} > dense_max (the matrix-free "
-               f"structured fit is nci:fitted_block)" if metric == "nci:fitted_diag" else
+        cause = (f"n = {ctx.n_params} > dense_max" if not pts["_dense"] else
+                 f"ū is matrix-free (state_dim = {ctx.sm.dim} > qs_max_state)")
+        why = (f"needs the dense Jacobian: {cause} (the matrix-free structured fit is "
+               f"nci:fitted_block)" if metric == "nci:fitted_diag" else
                f"not computed for n = {ctx.n_params}")
         r.fixed(analysis, prefix + metric, None, n=0, undefined=why)
         continue
@@ -87,7 +97,7 @@ def nci_stage(ctx: SplitContext) -> list[dict]:
       blk = metric == "nci:fitted_block"
       r.add(analysis, prefix + metric, pt(key), undefined=reason,
             estimator=est + (f"; metric fitted on K_f={int(ctx.knob('num_fit_probes'))} separate "
-                             "probes" if blk and not pts["_dense"] else ""), **extra)
+                             "probes" if blk and not dense else ""), **extra)
       if "ratio" not in metric:
         _mark_floor(r.rows[-1], floor, floor_what)
     r.add("nci", prefix + "cos_u_neg_grad", pt(prefix + "cos_u_neg_grad"))
@@ -115,6 +125,10 @@ def dense_metric_stage(ctx: SplitContext) -> list[dict]:
     return _new_rows(ctx, start)
   tol = float(ctx.knob("spd_null_tol"))
   for prefix in prefixes:
+    if prefix + "jac" not in pts:
+      r.fixed("nci_metric", prefix + "nci:dense_spd", None, n=0,
+              undefined="dense SPD test skipped: ū is matrix-free (state_dim > qs_max_state)")
+      continue
     jac = pts[prefix + "jac"]
     res = [nci.dense_spd_metric(jac[i], null_tol=tol) for i in range(ctx.b)]
     reason = _j_reason(pts[prefix + "j_zero"])
@@ -244,8 +258,17 @@ def fit_results(ctx: SplitContext) -> dict:
   if "fit" in ctx.cache:
     return ctx.cache["fit"]
   traj, names = ctx.traj, ctx.names
-  g = np.asarray(traj["grads"][:, :-1], np.float64)                      # [B, T, K, n]
-  u = ctx.updates
+  # Above fit_max_coords parameters the fit uses a uniform random subset of the coordinates (the
+  # same for every task, step and permutation): w is K numbers and η_t one per step, estimated
+  # from sums over coordinates, and the full [B, T, K, n] float64 dictionary at n = 10⁵ would
+  # take gigabytes and minutes per permutation. M is then fitted on the subset only.
+  n_max = int(ctx.knob("fit_max_coords"))
+  coords = slice(None)
+  if ctx.n_params > n_max:
+    rng = np.random.default_rng(ctx.rows.seed_for("objective_fit", "coordinates"))
+    coords = np.sort(rng.choice(ctx.n_params, n_max, replace=False))
+  g = np.asarray(traj["grads"][:, :-1][..., coords], np.float64)        # [B, T, K, n']
+  u = ctx.updates[..., coords]
   corr, norms = jax.vmap(objective_fit.gram)(jnp.asarray(g, jnp.float32))
   corr, norms = np.asarray(corr, np.float64), np.asarray(norms, np.float64)
   good = np.all(np.isfinite(corr), axis=(1, 2)) & np.all(np.isfinite(norms), axis=1)
@@ -265,11 +288,13 @@ def fit_results(ctx: SplitContext) -> dict:
   ht_r2, ht_r2_0 = objective_fit.heldout_task_r2(u, g, real["w_norm"], real["metric"], include,
                                                  ctx.train_ix, real["metric_train_only"])
   out = {"fit": real, "null": null, "include": include, "excluded": excluded, "rows": rows_t,
-         "ht_r2": ht_r2, "ht_r2_0": ht_r2_0, "corr": c_mean, "n_fit": n_fit}
+         "ht_r2": ht_r2, "ht_r2_0": ht_r2_0, "corr": c_mean, "n_fit": n_fit,
+         "coords": (f"all {ctx.n_params}" if isinstance(coords, slice) else
+                    f"{n_max} of {ctx.n_params} (uniform random subset)")}
   if ctx.use_qs and (ctx.sm.dim <= int(ctx.knob("qs_fit_max_state")) or ctx.qs_matfree):
     sub = np.unique(np.linspace(0, ctx.t_len - 1, min(ctx.t_len, int(ctx.knob("qs_fit_steps")))
                                 ).round().astype(np.int32))
-    ubar = ctx.qs_updates(sub)
+    ubar = ctx.qs_updates(sub)[..., coords]
     with jax.enable_x64(True):
       qfit = vfit(jnp.asarray(ubar), jnp.asarray(g[:, sub]), jnp.asarray(include),
                   jnp.asarray((sub < n_fit).astype(np.float64)))
@@ -286,7 +311,8 @@ def objective_fit_stage(ctx: SplitContext) -> list[dict]:
   fit, null, include, excluded = f["fit"], f["null"], f["include"], f["excluded"]
   n_perm = 0 if null is None else int(ctx.perms.shape[0])
   perm_name = f"permutation: updates paired with another task's gradients ({n_perm} draws)"
-  common = {"heldout_steps": f"last {ctx.t_len - f['n_fit']} of {ctx.t_len}"}
+  common = {"heldout_steps": f"last {ctx.t_len - f['n_fit']} of {ctx.t_len}",
+            "fit_coords": f["coords"]}
 
   # R² on held-out steps (w and M fitted on the first steps), and its gain over the training loss.
   gain = fit["r2_heldout"] - fit["r2_train_only_heldout"]

@@ -56,6 +56,7 @@ DEFAULTS = {
     "krylov_dim": 20,           # Arnoldi / GMRES subspace size of the matrix-free reduction (>= 2)
     "point_batch_mb": 1024,     # above this many MiB of probe products, points run one at a time
     "fit_iters": 20,            # ALS iterations of the objective fit (>= 1)
+    "fit_max_coords": 2048,     # above this many parameters the fit uses a random coordinate subset
     "heldout_frac": 0.25,       # share of the last steps held out of the objective fit (0 < x < 1)
     "vif_max": 100.0,           # largest variance inflation factor of an identifiable term (> 1)
     "num_perms": 20,            # permutation-null draws (>= 0; 0 disables)
@@ -168,11 +169,9 @@ def split_diff_rows(by_split: dict, ref_split: str, n_boot: int, seed: int, alph
       boots = xa[ia].mean(1) - xb[ib].mean(1)
       v = xa.mean() - xb.mean()
       lo, hi = np.quantile(boots, [0.025, 0.975])
-      pooled = np.concatenate([xa, xb])
-      null = []
-      for _ in range(1000):
-        perm = rng.permutation(pooled)
-        null.append(perm[:xa.size].mean() - perm[xa.size:].mean())
+      pooled = np.broadcast_to(np.concatenate([xa, xb]), (1000, xa.size + xb.size))
+      perm = rng.permuted(pooled, axis=1)   # 1000 independent label permutations
+      null = perm[:, :xa.size].mean(1) - perm[:, xa.size:].mean(1)
       p = float((1 + np.sum(np.abs(null) >= abs(v) * (1 - 1e-12))) / 1001)
       out.append(make_row("split_diff", name, rows.opt, metric, v, lo, hi, xa.size + xb.size,
                           baseline_split=ref_split, null="label permutation", p_value=p,
