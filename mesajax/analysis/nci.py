@@ -285,7 +285,20 @@ def dense_spd_metric(jacs_PxNxN, null_tol: float = 1e-4, deltas=(1e-3, 1e-2, 0.1
   # Every (start, δ) candidate iterates at once (stacked eigendecompositions); each stops at its
   # own convergence, so the sequence of each is that of a one-candidate loop.
   pairs = [(c, d) for c in starts for d in deltas]
-  flat = basis.reshape(m, -1)
+  iu0, iu1 = np.triu_indices(n)
+  off = iu0 != iu1
+  val = np.where(off, 1.0 / np.sqrt(2.0), 1.0)
+
+  def mats_of(c_CxM):  # Σ_k c_k E_k without the [m, n²] basis product (E_k has ≤ 2 entries)
+    out = np.zeros((c_CxM.shape[0], n, n))
+    out[:, iu0, iu1] = c_CxM * val
+    out[:, iu1, iu0] = c_CxM * val
+    return out
+
+  def coords_of(mat_CxNxN):  # ⟨E_k, M⟩ for every k
+    return np.where(off, (mat_CxNxN[:, iu0, iu1] + mat_CxNxN[:, iu1, iu0]) * val,
+                    mat_CxNxN[:, iu0, iu1])
+
   cs = np.stack([c / max(np.linalg.norm(c), 1e-300) for c, _ in pairs])
   ds = np.array([d for _, d in pairs])
   active = np.ones(len(pairs), bool)
@@ -294,11 +307,11 @@ def dense_spd_metric(jacs_PxNxN, null_tol: float = 1e-4, deltas=(1e-3, 1e-2, 0.1
     if idx.size == 0:
       break
     c = cs[idx]
-    w, v = np.linalg.eigh((c @ flat).reshape(-1, n, n))
+    w, v = np.linalg.eigh(mats_of(c))
     tr = np.maximum(np.sum(w, axis=1), 1e-300)
     w_clip = np.maximum(w, (ds[idx] * tr / n)[:, None])
     cone = np.einsum("cij,cj,ckj->cik", v, w_clip, v)
-    c_new = cone.reshape(idx.size, -1) @ flat.T
+    c_new = coords_of(cone)
     if null_dim:
       c_new = (c_new @ q) @ q.T
     conv = np.linalg.norm(c_new - c, axis=1) < 1e-10 * np.linalg.norm(c, axis=1)
