@@ -67,13 +67,16 @@ def mechanism(rv, name) -> str:
   if not cos or gap is None or gap.get("value") is None:
     return ""
   _, w = proxy_weight_rows(rv, "all_far")
-  clears = sum(bool(r.get("clears_null")) for r in w)
+  sig = [r["value"] for r in w if r.get("clears_null")]
+  pull, push = sum(v > 0 for v in sig), sum(v < 0 for v in sig)
   mean_cos = sum(cos) / len(cos)
   text = (f"on `all_far` the members' updates point down the outer loss (mean cos(u, −∇L_outer) "
           f"{common.fmt(mean_cos)} over {len(cos)} seeds, range {common.fmt(min(cos))}.."
-          f"{common.fmt(max(cos))}) and {clears} of {len(w)} members' shrink-toward-θ₀ weights "
-          f"clear their null there")
-  if gap["ci_low"] > 0 and mean_cos > 0.5 and clears == 0:
+          f"{common.fmt(max(cos))}); of {len(w)} members' weights on ½‖θ − θ₀‖² there, {pull} "
+          f"clear their null with a pull toward θ₀ (w > 0) and {push} with a push away (w < 0)")
+  if push > len(w) / 2:
+    text += ": most members' fitted objective pushes away from θ₀, the opposite of the shrink proxy"
+  elif gap["ci_low"] > 0 and mean_cos > 0.5 and pull == 0 and push == 0:
     text += (": the shortfall is not explained by a fitted pull toward θ₀; it is consistent with "
              f"steps scaled for near optima (the loss stays {common.fmt(gap['value'])} above tuned "
              "sgd's)")
@@ -111,6 +114,22 @@ def conclusion(rows) -> str:
       parts.append("no member has a fitted (identifiable) weight on the shrink-toward-θ₀ term")
     parts.append(mechanism(rv, name))
     lines.append(f"- far_frac = {common.fmt(f)}: " + "; ".join(p for p in parts if p) + ".")
+  gaps = [d for d in (common.find(common.select(rows, variant=v), analysis="eval_seeds",
+                                   split="all_far", metric="final_outer_loss_diff",
+                                   baseline="sgd") for v in variants)
+          if d is not None and d.get("value") is not None]
+  if len(gaps) > 1:
+    trend = ("smaller than at the smallest (disjoint CIs)"
+             if gaps[-1]["ci_high"] < gaps[0]["ci_low"] else
+             "larger than at the smallest (disjoint CIs)"
+             if gaps[-1]["ci_low"] > gaps[0]["ci_high"] else
+             "not distinguishable from the smallest's (overlapping CIs)")
+    closed = sum(d["ci_low"] <= 0 for d in gaps)
+    lines.insert(0, "- The shortfall under shift against tuned sgd (Δ final loss on `all_far`, by "
+                 "far_frac) is " + "; ".join(f"{common.fmt(d.get('far_frac'))}: "
+                                             f"{common.fmt_ci(d)}" for d in gaps) +
+                 f". At the largest far_frac it is {trend}; in "
+                 f"{closed} of {len(gaps)} variants its CI reaches 0.")
   quick = any(r.get("quick") for r in rows)
   if quick:
     lines.append("- These rows come from `--quick` (smoke sizes): they exercise the pipeline and "
