@@ -28,6 +28,9 @@ from mesajax.config import base_config, get_config_with_arg
 
 T_SHORT_LOPT = 20
 T_SHORT_WU = 10
+T_SCHEDULE = 100      # horizon of the schedule part (Wu et al.'s schedules)
+WU_PIECES = 10        # pieces of the meta-learned schedule (10 steps each)
+WU_SCHEDULE_NOISE = 0.1
 HORIZON_MULT = 10
 STAGES = ("nci", "objective_fit", "alignment")
 TASK = dict(dim=8, cond=100.0, eig_max=1.0, optimum_scale=1.0, init_scale=0.0, noise=0.3)
@@ -39,6 +42,12 @@ def get_config(arg=None):
 
 def wu_config(arg=None):
   return get_config_with_arg(_wu_config, arg, smoke_shift="horizon_x10")
+
+
+def wu_schedule_config(arg=None, full: bool = False):
+  """A learning-rate *schedule* meta-trained greedily (``full=False``: truncations of one piece) or
+  on the final loss of the whole horizon (``full=True``: full unrolls)."""
+  return get_config_with_arg(lambda: _wu_schedule_config(full), arg, smoke_shift="horizon_x10")
 
 
 def _common(c):
@@ -93,6 +102,35 @@ def _wu_config():
   c.meta.num_outer_steps = 400
   c.meta.select_every = 0                   # the last η (no selection: no extra bias)
   c.meta.checkpoint_every = 200
+  c.eval.baselines = ("sgd",)
+  c.eval.lr_grid_min = 1e-3
+  c.eval.lr_grid_max = 1.9
+  c.eval.lr_grid_size = 24
+  return c
+
+
+def _wu_schedule_config(full: bool):
+  """Wu et al. 2018's short-horizon bias for schedules: ``sgd_schedule`` (K = 10 pieces of 10 steps
+  over T = 100) on the same quadratics with gradient noise 0.1 (at 0.3 the noise floor reached
+  within a piece dominates both objectives and the two schedules differ less), meta-trained either
+  with truncations of one piece and the loss at each truncation's end (greedy: each piece is
+  optimised for the loss 10 steps ahead) or with full 100-step unrolls (each piece for the final
+  loss). Closed forms of both: ``experiments/horizon/wu.py``."""
+  c = _common(base_config())
+  c.name = "sched_full" if full else "sched_greedy"
+  c.task.kwargs.noise = WU_SCHEDULE_NOISE
+  c.optimizer.name = "sgd_schedule"
+  c.optimizer.kwargs = ml_collections.ConfigDict(dict(learning_rate=0.1, num_buckets=WU_PIECES))
+  c.meta.num_tasks = 128
+  c.meta.horizon = T_SCHEDULE
+  c.meta.unroll_length = T_SCHEDULE if full else T_SCHEDULE // WU_PIECES
+  c.meta.outer_objective = "final_outer"
+  c.meta.loss_transform = "none"
+  c.meta.outer_lr = 0.03
+  c.meta.outer_clip = 0.0
+  c.meta.num_outer_steps = 600
+  c.meta.select_every = 0
+  c.meta.checkpoint_every = 300
   c.eval.baselines = ("sgd",)
   c.eval.lr_grid_min = 1e-3
   c.eval.lr_grid_max = 1.9

@@ -39,6 +39,7 @@ OPTIMIZERS: dict[str, str] = {
     "noise_update": "mesajax.optimizers.controls:NoiseUpdate",
     "random_field": "mesajax.optimizers.controls:RandomField",
     "precond_sgd": "mesajax.optimizers.controls:PrecondSGD",
+    "sgd_schedule": "mesajax.optimizers.schedule:SGDSchedule",
 }
 
 # Mesa-objective analyses: name -> "module:function", each ``(SplitContext) -> list[row]``

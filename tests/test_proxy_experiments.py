@@ -74,6 +74,50 @@ def test_wu_best_lr_is_the_grid_minimum_and_noise_lowers_it():
   assert quiet > best  # gradient noise penalises large rates
 
 
+def test_sgd_schedule_uses_the_rate_of_its_piece():
+  from mesajax.optimizers.base import make_context
+  from mesajax.registry import make_optimizer
+  opt = make_optimizer("sgd_schedule", dict(learning_rate=0.1, num_buckets=4))
+  phi = {"log_lrs": np.log(np.array([0.5, 0.25, 0.125, 0.0625], np.float32))}
+  g = {"theta": np.array([1.0, -2.0], np.float32)}
+  for step, piece in ((0, 0), (4, 0), (5, 1), (12, 2), (19, 3), (25, 3)):  # T = 20: 5 steps each
+    u, _ = opt.update(phi, opt.init(phi, g), g, g, make_context(step, 20))
+    np.testing.assert_allclose(np.asarray(u["theta"]), -phi_rate(phi, piece) * g["theta"],
+                               rtol=1e-6)
+  flat = opt.with_learning_rate(opt.init_phi(None), 0.3)
+  np.testing.assert_allclose(np.exp(np.asarray(flat["log_lrs"])), 0.3, rtol=1e-6)
+  with pytest.raises(ValueError, match="num_buckets"):
+    make_optimizer("sgd_schedule", dict(num_buckets=0))
+
+
+def phi_rate(phi, piece):
+  return float(np.exp(phi["log_lrs"][piece]))
+
+
+def test_wu_schedule_closed_forms():
+  """A constant schedule's R_T is the constant-rate closed form; Monte Carlo agrees with a varying
+  schedule; the greedy schedule is optimal piece by piece and the joint optimum is at least as
+  good overall, with the greedy rates below it in the middle (Wu et al.'s short-horizon bias)."""
+  fam = make_task_family("quadratic", dict(dim=4, cond=100.0, noise=0.1))
+  h, z0_sq = wu.task_moments(fam, jax.random.PRNGKey(3), 64)
+  const = wu.schedule_ratio([0.2] * 5, 50, h, z0_sq, 0.1)
+  assert math.isclose(const, float(wu.expected_ratio([0.2], 50, h, z0_sq, 0.1)[0]), rel_tol=1e-12)
+  sched = np.array([0.8, 0.4, 0.2, 0.1, 0.05])
+  rng = np.random.default_rng(0)
+  z = np.broadcast_to(np.sqrt(z0_sq[:8]), (20000,) + h[:8].shape).copy()
+  for lr in np.repeat(sched, 10):
+    z = (1.0 - lr * h[:8]) * z - lr * 0.1 * rng.standard_normal(z.shape)
+  sim = np.mean(np.sum(h[:8] * (z ** 2).mean(0), -1) / np.sum(h[:8] * z0_sq[:8], -1))
+  exact = wu.schedule_ratio(sched, 50, h[:8], z0_sq[:8], 0.1)
+  assert abs(sim - exact) < 0.02 * exact
+  greedy = wu.greedy_schedule(5, 50, h, z0_sq, 0.1)
+  first = lambda lr: wu.schedule_ratio([lr], 10, h, z0_sq, 0.1)  # piece 0 alone
+  assert first(greedy[0]) <= min(first(greedy[0] * 1.01), first(greedy[0] / 1.01))
+  best = wu.optimal_schedule(5, 50, h, z0_sq, 0.1)
+  assert wu.schedule_ratio(best, 50, h, z0_sq, 0.1) < wu.schedule_ratio(greedy, 50, h, z0_sq, 0.1)
+  assert np.all(greedy[1:4] < best[1:4])
+
+
 @pytest.mark.slow
 def test_wu_meta_training_finds_the_closed_form_optimum(tmp_path):
   """Known answer: learnable-lr SGD meta-trained on the final loss of a short horizon reaches the
