@@ -8,6 +8,9 @@ Both parts use noisy rotated quadratics (``mesajax/tasks/quadratic.py``: d = 8, 
   inner horizon of T = 20 steps on the mean validation loss; the shift ``horizon_x10`` runs the
   same tasks for 200 steps. A short horizon rewards whatever lowers the loss quickly (the proxy)
   and never shows what happens after step 20, where the noise floor and slow directions dominate.
+* ``wu_schedule_config(full=...)``: a piecewise-constant schedule (``sgd_schedule``, 10 pieces over
+  T = 100, gradient noise 0.1) meta-trained greedily (truncations of one piece) or on full unrolls:
+  Wu et al.'s short-horizon bias for schedules, with closed forms in ``experiments/horizon/wu.py``.
 * ``wu_config()``: SGD whose only meta-parameter is log η (``sgd``, ``LogLearningRate``),
   meta-trained on the final outer loss of a T = 10-step horizon (full unrolls, no truncation,
   ``loss_transform = none``), evaluated at 10 T. The expected meta-objective has a closed form
@@ -18,8 +21,8 @@ Launch (the whole experiment):
   python experiments/horizon/run.py --workdir runs/horizon [--quick]
 One part alone:
   python run.py --config configs/proxy_horizon.py --workdir runs/proxy_horizon
-Expected runtime: not yet measured on an idle machine (see configs/proxy_optimum.py for the one
-measurement under heavy load, at similar sizes).
+Expected runtime: the whole experiment (lopt, wu, wu_greedy, wu_full) 3 min 50 s on a 2-core CPU
+at load ≈ 2 (2026-11-29; per-variant times in experiments/horizon/README.md).
 CI size: ``--config configs/proxy_horizon.py:smoke``.
 """
 import ml_collections
