@@ -24,8 +24,10 @@ population (``meta.num_seeds = 5``).
 Launch (one variant through the main job; the experiment script adds the tables and figures):
   python run.py --config configs/proxy_scale.py:width --workdir runs/scale_width
   python experiments/scale/run.py --workdir runs/scale [--quick]
-Expected runtime: the whole experiment (two variants) about 15 minutes on an idle 2-core CPU;
-see experiments/scale/README.md for the measured time.
+Expected runtime: over the 15-minute budget (2026-11-29, 2-core CPU): ``dim`` 9.5 min (its
+analyses 6.5 min of it); ``width`` 8 min to meta-train and 2 min to evaluate, and its analyses
+(widths up to 64: 836 parameters, matrix-free quasi-static reduction) did not finish within 25
+minutes beside other jobs. See experiments/scale/README.md.
 CI size: ``configs/proxy_scale.py:smoke`` (or ``:VARIANT,smoke``) shrinks everything to seconds.
 """
 import ml_collections

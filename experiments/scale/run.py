@@ -18,7 +18,7 @@ every member, its untrained initialisation and tuned Adam and SGD as controls.
 
 Writes ``DIR/results.jsonl``, ``DIR/README.md`` and ``DIR/figures/`` (generated from the rows);
 ``--regenerate`` rebuilds README and figures from the rows alone; ``--publish experiments/scale``
-copies them into the repository. Full size: about 15 minutes on a 2-core CPU (README: measured);
+copies them into the repository. Full size: over 15 minutes on a 2-core CPU (README: measured);
 ``--quick``: the ``dim`` variant at smoke size with two seeds, Adam as the only baseline and
 tuned control, no quasi-static stage; the numbers mean nothing at that size.
 """
