@@ -90,6 +90,23 @@ def _config():
   return c
 
 
+def _meta_learned_rate(c):
+  """What the two Wu et al. parts share: meta-train on the final outer loss, untransformed (its
+  expectation is the closed form of ``experiments/horizon/wu.py``), meta-gradients unclipped, the
+  last φ kept (no selection: no extra bias); evaluation beside SGD tuned on a grid up to the
+  stability edge."""
+  c.meta.outer_objective = "final_outer"
+  c.meta.loss_transform = "none"
+  c.meta.outer_lr = 0.03
+  c.meta.outer_clip = 0.0
+  c.meta.select_every = 0
+  c.eval.baselines = ("sgd",)
+  c.eval.lr_grid_min = 1e-3
+  c.eval.lr_grid_max = 1.9
+  c.eval.lr_grid_size = 24
+  return c
+
+
 def _wu_config():
   c = _common(base_config())
   c.name = "meta_sgd"
@@ -98,18 +115,9 @@ def _wu_config():
   c.meta.num_tasks = 64
   c.meta.horizon = T_SHORT_WU
   c.meta.unroll_length = T_SHORT_WU         # full unrolls: the objective is exactly R_T(η)
-  c.meta.outer_objective = "final_outer"
-  c.meta.loss_transform = "none"
-  c.meta.outer_lr = 0.03
-  c.meta.outer_clip = 0.0
   c.meta.num_outer_steps = 400
-  c.meta.select_every = 0                   # the last η (no selection: no extra bias)
   c.meta.checkpoint_every = 200
-  c.eval.baselines = ("sgd",)
-  c.eval.lr_grid_min = 1e-3
-  c.eval.lr_grid_max = 1.9
-  c.eval.lr_grid_size = 24
-  return c
+  return _meta_learned_rate(c)
 
 
 def _wu_schedule_config(full: bool):
@@ -127,15 +135,6 @@ def _wu_schedule_config(full: bool):
   c.meta.num_tasks = 128
   c.meta.horizon = T_SCHEDULE
   c.meta.unroll_length = T_SCHEDULE if full else T_SCHEDULE // WU_PIECES
-  c.meta.outer_objective = "final_outer"
-  c.meta.loss_transform = "none"
-  c.meta.outer_lr = 0.03
-  c.meta.outer_clip = 0.0
   c.meta.num_outer_steps = 600
-  c.meta.select_every = 0
   c.meta.checkpoint_every = 300
-  c.eval.baselines = ("sgd",)
-  c.eval.lr_grid_min = 1e-3
-  c.eval.lr_grid_max = 1.9
-  c.eval.lr_grid_size = 24
-  return c
+  return _meta_learned_rate(c)
