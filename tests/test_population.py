@@ -69,3 +69,29 @@ def test_selection_keeps_a_better_initial_phi():
   assert score == SCORE_CAP
   np.testing.assert_array_equal(_phi_flat(state.best_phi), phi0)
   assert float(state.best_score) < SCORE_CAP
+
+
+def test_member_with_zero_meta_gradient_is_flagged(tmp_path, capsys):
+  """SGD at lr 3 diverges on the smoke regression, so every truncation's loss is above its initial
+  value: the clipped objective min(L/L0, 1) is flat there and the meta-gradient is exactly 0. The
+  metrics rows list the stalled members and stderr says so once per member; the log transform has
+  no flat region and flags nothing."""
+  import json
+  from mesajax.meta.train import train
+  for transform, expect in (("clip", [0, 1]), ("log", None)):
+    cfg = smoke_config(optimizer="sgd", num_seeds=2, loss_transform=transform,
+                       num_outer_steps=4, log_every=2, select_every=0)
+    cfg.unlock()
+    cfg.optimizer.kwargs.learning_rate = 3.0
+    wd = tmp_path / transform
+    train(cfg, str(wd), progress=False)
+    rows = [json.loads(x) for x in open(wd / "metrics.jsonl")]
+    logged = [r for r in rows if "meta_loss" in r]
+    assert len(logged) == 2
+    assert [r.get("zero_grad_members") for r in logged] == [expect, expect]
+    err = capsys.readouterr().err
+    if expect:
+      assert err.count("meta-gradient exactly 0") == 1 and "loss_transform='log'" in err
+      assert "member(s) [0, 1]" in err
+    else:
+      assert "meta-gradient exactly 0" not in err

@@ -9,7 +9,7 @@ optimizer, meta-trained on the validation loss:
 * ``dim``: linear regression at d = 10 (n_train = 4·d, σ = 0.5), shifted to d = 20 and 40 at the
   same n_train / d (only the size changes; each weight of the solution shrinks as 1/√d);
 * ``width``: a one-hidden-layer MLP student of width 8 on a random teacher's labels, shifted to
-  widths 32 and 64.
+  widths 16 and 32.
 
 For every variant and split: the population's final validation loss beside learning-rate-tuned
 SGD, SGD+momentum and Adam (retuned per split; the learned optimizer is not), with seeds-then-tasks
@@ -18,7 +18,7 @@ every member, its untrained initialisation and tuned Adam and SGD as controls.
 
 Writes ``DIR/results.jsonl``, ``DIR/README.md`` and ``DIR/figures/`` (generated from the rows);
 ``--regenerate`` rebuilds README and figures from the rows alone; ``--publish experiments/scale``
-copies them into the repository. Full size: over 15 minutes on a 2-core CPU (README: measured);
+copies them into the repository. Full size: 14 min on a 2-core CPU (measured: README, timing);
 ``--quick``: the ``dim`` variant at smoke size with two seeds, Adam as the only baseline and
 tuned control, no quasi-static stage; the numbers mean nothing at that size.
 """
@@ -78,16 +78,24 @@ def report(workdir: str, rows: list, quick: bool) -> str:
           common.metric_figure(rows, "alignment", "cos_u_neg_outer_grad", None,
                                os.path.join(figdir, "cos_u_neg_outer_grad.png"))
           if common.select(rows, analysis="alignment", metric="cos_u_neg_outer_grad") else None]
+  cd, cw = cfg.get_config("dim"), cfg.get_config("width")
   setup = (
       "Per-parameter MLP learned optimizer meta-trained with truncated backprop on the validation "
-      "loss for 500 outer steps (horizon 200, truncations of 20), five seeds as one compiled "
-      "population, selection "
-      "by full-horizon validation runs. `dim`: linear regression, isotropic inputs, w* ~ N(0, I/d), "
-      "σ = 0.5, n_train = 4d. `width`: MLP student (8 inputs, one tanh hidden layer, 4 classes) "
-      "on a random tanh-MLP teacher's labels, 256 training rows, minibatches of 32. Baselines "
-      "(SGD, SGD+momentum, Adam) are retuned on each split's own tuning tasks. " + size_note(rows)
-      + " Losses: mean over 64 held-out tasks (and seeds) with 95% CIs; Δ = learned − baseline "
-      "on the same tasks (< 0: the learned optimizer is better)."
+      f"loss (per step log(L/L0), `meta.loss_transform = {cd.meta.loss_transform!r}`; horizon "
+      f"{cd.meta.horizon}, truncations of {cd.meta.unroll_length}), {cd.meta.num_seeds} seeds as "
+      "one compiled population, selection by full-horizon validation runs: `dim` "
+      f"{cd.meta.num_outer_steps} outer steps on {cd.meta.num_tasks} tasks per step, `width` "
+      f"{cw.meta.num_outer_steps} on {cw.meta.num_tasks}. `dim`: linear regression, isotropic "
+      "inputs, w* ~ N(0, I/d), σ = 0.5, n_train = 4d. `width`: MLP student (8 inputs, one tanh "
+      "hidden layer, 4 classes) on a random tanh-MLP teacher's labels, 256 training rows, "
+      "minibatches of 32. Baselines (SGD, SGD+momentum, Adam) are retuned on each split's own "
+      "tuning tasks. " + size_note(rows) + f" Losses: mean over {cd.eval.num_tasks} held-out "
+      "tasks (and seeds) with 95% CIs; Δ = learned − baseline on the same tasks (< 0: the learned "
+      f"optimizer is better). Analyses on {cd.analysis.num_tasks} tasks per split; at every "
+      f"width the objective fit uses the same {cw.analysis.fit_max_coords} randomly chosen "
+      "coordinates (column `fit_coords` of the rows), and `width` runs no quasi-static reduction "
+      "(its dense solves would take most of the 15-minute budget): its NCI and fit are on the "
+      "raw update."
       + (" **--quick: smoke sizes, two seeds, one variant; the numbers mean nothing.**"
          if quick else ""))
   sections = [

@@ -175,7 +175,8 @@ def _train(config, workdir, progress, trainer, checkpoint_step):
   pending, t0 = None, time.perf_counter()
   last_saved = start if checkpoint.all_steps(workdir) else None
   scalars = Scalars(config, workdir, start)
-  report = lambda p: _report(p, metrics_path, bar, t0, inner_per_outer, start, scalars)
+  stalled = Stalled(str(config.meta.loss_transform), int(config.seed))
+  report = lambda p: _report(p, metrics_path, bar, t0, inner_per_outer, start, scalars, stalled)
   try:
     for step in range(start, total):
       # Several processes agree on stopping (a collective that waits for the device) only every
@@ -233,7 +234,37 @@ def _finite_mean(x):
   return _finite(np.mean(np.asarray(x, np.float64)))
 
 
-def _report(pending, path, bar, t0, inner_per_outer, start, scalars=None):
+class Stalled:
+  """Warns once (stderr) about each population member whose meta-gradient is exactly zero.
+
+  With ``meta.loss_transform = "clip"`` the per-step objective min(L/L0, 1) is flat wherever every
+  loss in the truncation is at or above the task's initial loss; a member that starts there (an
+  initialisation whose updates raise the loss) gets no meta-gradient and never moves. Its
+  ``metrics.jsonl`` rows list it under ``zero_grad_members``; the run itself goes on (the other
+  members are unaffected)."""
+
+  def __init__(self, loss_transform: str, seed: int):
+    self.loss_transform, self.seed, self.warned = loss_transform, seed, set()
+
+  def __call__(self, step: int, grad_norm, skipped) -> list[int]:
+    g = np.ravel(np.asarray(grad_norm, np.float64))
+    ok = ~np.ravel(np.broadcast_to(np.asarray(skipped, bool), g.shape))
+    zero = [int(i) for i in np.flatnonzero((g == 0.0) & ok)]
+    new = [i for i in zero if i not in self.warned]
+    if new and distributed.is_primary():
+      self.warned.update(new)
+      who = (f"member(s) {new} (seed {', '.join(str(self.seed + i) for i in new)})"
+             if g.size > 1 else "the learned optimizer")
+      why = ("every loss of its truncations is at or above the task's initial loss, where "
+             "meta.loss_transform='clip' is flat, so it cannot train; meta.loss_transform='log' "
+             "has no flat region" if self.loss_transform == "clip" else
+             "it does not move while that lasts")
+      print(f"warning: meta-gradient exactly 0 at outer step {step} for {who}: {why}",
+            file=sys.stderr, flush=True)
+    return zero
+
+
+def _report(pending, path, bar, t0, inner_per_outer, start, scalars=None, stalled=None):
   if not distributed.is_primary():
     return
   step, metrics = pending
@@ -246,6 +277,9 @@ def _report(pending, path, bar, t0, inner_per_outer, start, scalars=None):
          "time_s": elapsed, "inner_steps": (step - start) * inner_per_outer}
   if np.ndim(m["meta_loss"]):
     row["meta_loss_per_seed"] = [_finite(x) for x in np.ravel(m["meta_loss"])]
+  zero = stalled(step, m["grad_norm"], m["skipped"]) if stalled is not None else []
+  if zero:
+    row["zero_grad_members"] = zero
   nonfinite = [k for k in ("meta_loss", "grad_norm") if row[k] is None]
   if nonfinite:
     row["nonfinite"] = nonfinite
