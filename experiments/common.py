@@ -65,6 +65,7 @@ from mesajax.config import resolve  # noqa: E402
 from mesajax.report.rows import make_row, ordered_unique, read_rows, replace_rows, write_rows  # noqa: E402
 
 RESULTS = "results.jsonl"
+PUBLISHED = "results.jsonl.gz"  # the committed copy of the rows (``publish``), about 10x smaller
 TIMING = "timing.json"
 CONTROL_STAGE = "analyze_control"
 
@@ -202,8 +203,12 @@ def run_variants(variants: dict, workdir: str, controls: Sequence[str] = (), sta
 
 
 def load_results(workdir: str) -> list[dict]:
-  """The gathered rows of ``DIR/results.jsonl``; one-line ``ValueError`` when there are none."""
+  """The gathered rows of ``DIR/results.jsonl`` (or of its published copy ``results.jsonl.gz``
+  where only that exists, as in ``experiments/<name>/``); one-line ``ValueError`` when there are
+  none."""
   path = os.path.join(workdir, RESULTS)
+  if not os.path.exists(path) and os.path.exists(os.path.join(workdir, PUBLISHED)):
+    path = os.path.join(workdir, PUBLISHED)
   rows = read_rows(path)
   if not rows:
     raise ValueError(f"{path} holds no rows; run the experiment first (without --regenerate)")
@@ -470,13 +475,19 @@ def write_readme(workdir: str, title: str, sections: Sequence[tuple[str, str]],
 
 
 def publish(workdir: str, dest: str) -> None:
-  """Copies ``DIR``'s README.md, figures/ and results.jsonl to ``dest`` (e.g. the experiment's
-  folder), so ``--regenerate --workdir dest`` rebuilds them from the committed rows."""
+  """Copies ``DIR``'s README.md and figures/ to ``dest`` (e.g. the experiment's folder) and its rows
+  as ``results.jsonl.gz``, so ``--regenerate --workdir dest`` rebuilds them from the committed
+  rows (``pandas.read_json(dest + "/results.jsonl.gz", lines=True)`` reads them too)."""
   os.makedirs(dest, exist_ok=True)
-  for f in ("README.md", RESULTS):
-    shutil.copyfile(os.path.join(workdir, f), os.path.join(dest, f))
+  rows = load_results(workdir)
+  same = os.path.realpath(workdir) == os.path.realpath(dest)
+  if not same:
+    shutil.copyfile(os.path.join(workdir, "README.md"), os.path.join(dest, "README.md"))
+  write_rows(os.path.join(dest, PUBLISHED), rows)
+  if os.path.exists(os.path.join(dest, RESULTS)):
+    os.remove(os.path.join(dest, RESULTS))  # the uncompressed copy (rows kept in the .gz)
   src = os.path.join(workdir, "figures")
-  if os.path.isdir(src):
+  if os.path.isdir(src) and not same:
     shutil.copytree(src, os.path.join(dest, "figures"), dirs_exist_ok=True)
 
 
@@ -497,7 +508,8 @@ def main(doc: str, build: Callable[[bool], dict], report: Callable[[str, list, b
   ap.add_argument("--regenerate", action="store_true",
                   help="only rebuild README.md and figures from DIR/results.jsonl")
   ap.add_argument("--publish", default=None,
-                  help="copy README.md, figures/ and results.jsonl to this folder afterwards")
+                  help="copy README.md, figures/ and the rows (results.jsonl.gz) to this folder "
+                       "afterwards")
   args = ap.parse_args(argv)
   try:
     if os.path.exists(args.workdir) and not os.path.isdir(args.workdir):

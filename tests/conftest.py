@@ -10,8 +10,37 @@ import jax  # noqa: E402
 
 jax.config.update("jax_default_matmul_precision", "highest")
 
-# run.py enables XLA's persistent compilation cache (mesajax/compile_cache.py); the CLI tests'
-# subprocesses share one per test process here instead of writing to the user's home.
+# XLA's persistent compilation cache (mesajax/compile_cache.py, what run.py uses), one per test
+# session, shared by the pytest-xdist workers, the tests themselves and the CLI tests'
+# subprocesses, instead of the user's home: many tests build the same smoke-size programs, and a
+# program is served from the cache only when its XLA text (and jax version, backend) is identical.
+# Tracing, lowering and every jit's in-memory cache (which the compile-once tests count) are
+# untouched.
 import tempfile  # noqa: E402
 
-os.environ.setdefault("MESAJAX_COMPILE_CACHE", tempfile.mkdtemp(prefix="mesajax-jax-cache-"))
+_run = os.environ.get("PYTEST_XDIST_TESTRUNUID")
+os.environ.setdefault("MESAJAX_COMPILE_CACHE",
+                      os.path.join(tempfile.gettempdir(), f"mesajax-jax-cache-{_run}") if _run
+                      else tempfile.mkdtemp(prefix="mesajax-jax-cache-"))
+from mesajax import compile_cache  # noqa: E402
+
+compile_cache.enable()
+
+# The longest tests (idle 2-core CPU, `pytest -n 2 --durations=30`: 20–120 s each, most of it XLA
+# compilation) start first: pytest-xdist hands tests out in collection order, and a two-minute
+# test picked up last leaves the other worker idle for its whole length. Order only: every test
+# still runs (and alone, `pytest tests/test_x.py`, in file order).
+LONGEST_FIRST = (
+    "test_smoke_main_job_end_to_end", "test_end_to_end_through_run_py",
+    "test_icl_run_through_run_py", "test_population_members_are_the_single_seed_runs",
+    "test_resume_gives_identical_phi", "test_pes_unbiased_across_truncations_tbptt_not",
+    "test_rmsprop_implicit_jacobian_matches_finite_differences",
+    "test_two_processes_match_one_device", "test_family_smoke", "test_outer_step_compiles_once",
+    "test_member_with_zero_meta_gradient_is_flagged",
+)
+
+
+def pytest_collection_modifyitems(config, items):
+  rank = {name: i for i, name in enumerate(LONGEST_FIRST)}
+  key = lambda it: rank.get(getattr(it, "originalname", None) or it.name, len(rank))
+  items[:] = sorted(items, key=key)  # stable: the rest keep their order

@@ -256,6 +256,20 @@ def test_rerun_replaces_rows_and_nonfinite_is_null(tmp_path):
     f.write('{"analysis": "eval", "spl')
   with pytest.raises(ValueError, match="results.jsonl line 5"):
     read_rows(path)
+  # The published, gzip-compressed form: the same rows back (pandas reads it too); a file cut
+  # short is one line naming it.
+  import pandas as pd
+  from mesajax.report.rows import write_rows
+  gz = str(tmp_path / "results.jsonl.gz")
+  write_rows(gz, got)
+  assert read_rows(gz) == got and len(pd.read_json(gz, lines=True)) == len(got)
+  data = open(gz, "rb").read()
+  write_rows(gz, got)
+  assert open(gz, "rb").read() == data  # reproducible bytes: no timestamp in the gzip header
+  with open(gz, "wb") as f:
+    f.write(data[: len(data) // 2])
+  with pytest.raises(ValueError, match="cannot read .*results.jsonl.gz"):
+    read_rows(gz)
 
 
 def test_metrics_are_trimmed_to_the_checkpoint(tmp_path):

@@ -89,6 +89,34 @@ def test_family_smoke(name):
     family.replace(**spec.get("task", {}))
 
 
+@pytest.mark.parametrize("name", sorted(n for n in TASKS if registry_class(n).sample_only))
+def test_sample_only_knobs_change_nothing_but_sampling(name):
+  """A ``sample_only`` knob (the analyses compile once across splits differing only in it) leaves
+  init, every loss, minibatch loss and proxy of a given task unchanged; and it does change the
+  sampled tasks (else it is not a knob of sampling at all)."""
+  family = _family(name)
+  key = jax.random.PRNGKey(3)
+  task = family.sample(key)
+  for knob in type(family).sample_only:
+    shifted = family.replace(**{knob: type(family).test_shift[knob]})
+    assert shifted.program_key() == family.program_key()
+    assert hash(shifted.program_key()) == hash(family.program_key())
+    changed = jax.tree.map(lambda a, b: not np.array_equal(a, b), task, shifted.sample(key))
+    assert any(jax.tree.leaves(changed)), f"{knob} does not change sampling"
+    for fam in (family, shifted):  # both evaluate the same task
+      params = fam.init(jax.random.PRNGKey(4), task)
+      vals = [fam.train_loss_full(params, task), fam.outer_loss_full(params, task),
+              fam.train_loss(params, task, key), fam.outer_loss(params, task, key)]
+      vals += [f(params, task) for f in fam.proxies().values()]
+      if fam is family:
+        ref, ref_params = vals, params
+      else:
+        jax.tree.map(np.testing.assert_array_equal, params, ref_params)
+        np.testing.assert_array_equal(np.asarray(vals), np.asarray(ref))
+  others = {k: v for k, v in type(family).test_shift.items() if k not in type(family).sample_only}
+  assert family.replace(**others).program_key() != family.program_key()
+
+
 @pytest.mark.parametrize("name", sorted(TASKS))
 def test_non_finite_knobs_are_refused(name):
   """NaN and inf pass most range checks; every float knob is checked for finiteness first."""

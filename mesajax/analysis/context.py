@@ -100,6 +100,9 @@ class Rows:
 
 
 # --- device programs (one jit each per optimizer and split shape) ---------------------------------
+# Keyed on ``family.program_key()``: splits whose families differ only in knobs that change task
+# sampling (``TaskFamily.sample_only``, e.g. linreg's noise) share every program, since the tasks
+# are inputs (quickstart: the `noiseless` split compiles nothing new).
 
 # Up to this many parameters every analysis program (trajectories, points, quasi-static solves,
 # end-point runs; not the objective fit, whose execution dominates) compiles at XLA's backend
@@ -415,7 +418,8 @@ class SplitContext:
 
   @functools.cached_property
   def traj(self) -> dict:
-    fn = _trajectory_fn(self.opt, self.fam, self.t_len, self.hidden_like is not None, self.fast)
+    fn = _trajectory_fn(self.opt, self.fam.program_key(), self.t_len,
+                        self.hidden_like is not None, self.fast)
     out = jax.block_until_ready(fn(self.phi, self.hz, self.tasks, self.keys))
     self.lap("trajectories")
     return out
@@ -466,8 +470,8 @@ class SplitContext:
       sm = None
       if self.use_qs:
         sm = qs.StateMap(self.opt, to64(self.state_like), to64(self.params_like))
-      fn = _points_fn(self.opt, self.fam, dense, want_jac, sm, segments, krylov, sequential,
-                      self.fast)
+      fn = _points_fn(self.opt, self.fam.program_key(), dense, want_jac, sm, segments, krylov,
+                      sequential, self.fast)
       out = fn(self.phi, self.hz, self.tasks, params_pts, states_pts, jnp.asarray(idx), v, w, z, f)
       out = jax.tree.map(np.asarray, jax.block_until_ready(out))
     self.lap("points")
@@ -486,14 +490,14 @@ class SplitContext:
     with jax.enable_x64(True):
       sm = qs.StateMap(self.opt, to64(self.state_like), to64(self.params_like))
       krylov = int(self.knob("krylov_dim")) if self.qs_matfree else 0
-      out = _qs_trajectory_fn(self.opt, self.fam, sm, krylov, self.fast)(
+      out = _qs_trajectory_fn(self.opt, self.fam.program_key(), sm, krylov, self.fast)(
           self.phi, self.hz, self.tasks, self.params_tree(traj["thetas"][:, sub]),
           take(traj["opt_states"], jnp.asarray(sub)), jnp.asarray(sub),
           traj["grads"][:, sub, self.train_ix])
       return np.asarray(jax.block_until_ready(out))
 
   def endpoint(self, steps: int):
-    fn = _endpoint_fn(self.opt, self.fam, self.fast)
+    fn = _endpoint_fn(self.opt, self.fam.program_key(), self.fast)
     g_end, u_end = fn(self.phi, self.hz, jnp.asarray(steps, jnp.int32), self.tasks, self.keys)
     out = np.asarray(g_end, np.float64), np.asarray(u_end, np.float64)
     self.lap("endpoint")

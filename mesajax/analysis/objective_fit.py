@@ -139,10 +139,12 @@ def _init_weights(u_TxN, gs_TxKxN, inc, rows_T, ridge):
   return c
 
 
-def _als(u_TxN, gs_TxKxN, free_K, fixed_K, rows_T, n_iter, fit_metric, ridge, w0=None):
+def _als(u_TxN, gs_TxKxN, free_K, fixed_K, rows_T, n_iter, fit_metric, ridge, w0=None,
+         held_T=None):
   """ALS with the weights of ``fixed_K`` (one-hot) held at 1 and ``free_K`` fitted; M and w from
-  the rows with ``rows_T`` = 1, η_t for every row. (Written with the dictionary axis first:
-  batched einsums over [T, K, n] were ~30x slower on CPU.)"""
+  the rows with ``rows_T`` = 1, η_t for every row; the second R² on ``held_T`` (default
+  1 − ``rows_T``). (Written with the dictionary axis first: batched einsums over [T, K, n] were
+  ~30x slower on CPU.)"""
   t, k, n = gs_TxKxN.shape
   dt = u_TxN.dtype
   tiny = jnp.finfo(dt).tiny
@@ -207,12 +209,12 @@ def _als(u_TxN, gs_TxKxN, free_K, fixed_K, rows_T, n_iter, fit_metric, ridge, w0
   def r2(r):
     return 1.0 - jnp.sum(r * res) / jnp.maximum(jnp.sum(r * uu), tiny)
 
-  return w, eta, m, r2(rows_T), r2(1.0 - rows_T)
+  return w, eta, m, r2(rows_T), r2(1.0 - rows_T if held_T is None else held_T)
 
 
 def fit_objective(u_TxN: Array, g_TxKxN: Array, include_K: Array, train_index: int = 0,
                   n_iter: int = 20, fit_metric: bool = True, ridge: float = 1e-10,
-                  fit_rows_T: Array | None = None) -> dict:
+                  fit_rows_T: Array | None = None, valid_T: Array | None = None) -> dict:
   """ALS fit of u_t ≈ −η_t M (∇L_train + Σ_{k≠train} w_k ∇φ_k)(θ_t) for one task.
 
   The training-loss weight is *fixed* at 1 (the first included term's if ``train_loss`` is not
@@ -220,8 +222,10 @@ def fit_objective(u_TxN: Array, g_TxKxN: Array, include_K: Array, train_index: i
   relative to the objective is carried by η_t (``frac_eta_positive``: the share of fitted steps
   with η_t > 0; 0 means the updates ascend the fitted objective). ``fit_rows_T`` (bool, default
   all) selects the rows that fit w and M; η_t is solved on every row, so the R² on the other rows
-  (``r2_heldout``) is out of sample in w and M. Run in float64 for exact known answers
-  (``with jax.enable_x64(True)`` and float64 inputs).
+  (``r2_heldout``) is out of sample in w and M. ``valid_T`` (default all) marks padding rows
+  (u = 0, g = 0) as absent: a shorter trajectory padded to a common T gives the same fit (a zero
+  row adds nothing to any sum; every column's RMS scales alike) through the same compiled program.
+  Run in float64 for exact known answers (``with jax.enable_x64(True)`` and float64 inputs).
 
   Returns a dict of arrays: ``w_norm`` [K] (w_train = 1, excluded terms 0), ``eta`` [T] (the step
   scale for ``w_norm``), ``share`` [K], ``metric`` [n], ``metric_train_only`` [n], ``metric_cond``,
@@ -233,6 +237,8 @@ def fit_objective(u_TxN: Array, g_TxKxN: Array, include_K: Array, train_index: i
   g_TxKxN = g_TxKxN.astype(dt)
   t, k, _ = g_TxKxN.shape
   rows = (jnp.ones((t,), dt) if fit_rows_T is None else jnp.asarray(fit_rows_T, dt))
+  valid = (jnp.ones((t,), dt) if valid_T is None else jnp.asarray(valid_T, dt))
+  held = valid * (1.0 - rows)
   corr, norms = gram(g_TxKxN)
   scale = jnp.where(norms > 0, norms, 1.0).astype(dt)
   gs = (g_TxKxN / scale[None, :, None]).astype(dt)
@@ -249,13 +255,14 @@ def fit_objective(u_TxN: Array, g_TxKxN: Array, include_K: Array, train_index: i
   frees = jnp.stack([free, free])
   starts = jnp.stack([fixed, w_svd * (free + fixed)])
   w2, eta2, m2_, r2in2, r2out2 = jax.vmap(
-      lambda f, w0: _als(u_TxN, gs, f, fixed, rows, n_iter, fit_metric, ridge, w0))(frees, starts)
+      lambda f, w0: _als(u_TxN, gs, f, fixed, rows, n_iter, fit_metric, ridge, w0, held))(
+          frees, starts)
   # The training-loss-only fit on the one-term dictionary [∇L_train] (the same fit as with the
   # other weights pinned at 0, at 1/K² of the Gram cost), its weight mapped back to the K terms.
   one = jnp.ones((1,), dt)
   g_fix = jnp.take(gs, fix_k[None], axis=1)
   w1, eta1, m1, r2in1, r2out1 = _als(u_TxN, g_fix, jnp.zeros((1,), dt), one, rows, n_iter,
-                                     fit_metric, ridge, one)
+                                     fit_metric, ridge, one, held)
   cat = lambda a, b: jnp.concatenate([a, b[None]])
   w3 = cat(w2, fixed * w1[0])
   eta3, m3, r2in, r2out = cat(eta2, eta1), cat(m2_, m1), cat(r2in2, r2in1), cat(r2out2, r2out1)
@@ -269,7 +276,7 @@ def fit_objective(u_TxN: Array, g_TxKxN: Array, include_K: Array, train_index: i
   inc = include_K.astype(corr.dtype)
   c_inc = corr * inc[:, None] * inc[None, :] + jnp.diag(1.0 - inc)
   ev = jnp.linalg.eigvalsh(c_inc)
-  has_out = jnp.sum(1.0 - rows) > 0
+  has_out = jnp.sum(held) > 0
   nan = jnp.asarray(jnp.nan, dt)
   return {"w_norm": w_norm, "eta": eta / scale[fix_k],
           "share": jnp.abs(ws) / jnp.maximum(jnp.sum(jnp.abs(ws)), 1e-30),

@@ -15,6 +15,7 @@ interrupted stage never duplicates rows.
 """
 from __future__ import annotations
 
+import gzip
 import json
 import math
 import os
@@ -65,11 +66,12 @@ def _check(rows):
 
 
 def write_rows(path: str, rows: Iterable[dict]) -> None:
-  """Writes ``rows`` as the whole file, atomically (tmp file, fsync, ``os.replace``)."""
+  """Writes ``rows`` as the whole file, atomically (tmp file, fsync, ``os.replace``); gzip-compressed
+  (reproducibly: no timestamp in the header) when ``path`` ends in ``.gz``."""
   tmp = f"{path}.tmp{os.getpid()}"
-  with open(tmp, "w") as f:
-    for r in rows:
-      f.write(json.dumps(r, allow_nan=False) + "\n")
+  with open(tmp, "wb") as f:
+    text = "".join(json.dumps(r, allow_nan=False) + "\n" for r in rows).encode()
+    f.write(gzip.compress(text, mtime=0) if path.endswith(".gz") else text)
     f.flush()
     os.fsync(f.fileno())
   os.replace(tmp, path)
@@ -102,12 +104,13 @@ def remove_rows(path: str, predicate: Callable[[dict], bool]) -> list[dict]:
 
 def read_rows(path: str) -> list[dict]:
   """The rows of a JSONL file (``[]`` when it does not exist); a malformed line is a one-line
-  ``ValueError`` naming the file and line."""
+  ``ValueError`` naming the file and line. A path ending in ``.gz`` is read through gzip (published
+  experiment rows are stored compressed; ``pandas.read_json(path, lines=True)`` reads both)."""
   if not os.path.exists(path):
     return []
   out = []
   try:
-    with open(path) as f:
+    with (gzip.open(path, "rt") if path.endswith(".gz") else open(path)) as f:
       for i, line in enumerate(f, 1):
         if not line.strip():
           continue
@@ -119,8 +122,8 @@ def read_rows(path: str) -> list[dict]:
         if not isinstance(row, dict):
           raise ValueError(f"{path} line {i} is not a JSON object")
         out.append(row)
-  except OSError as e:
-    raise ValueError(f"cannot read {path}: {e.strerror or e}") from None
+  except (OSError, EOFError) as e:  # gzip: BadGzipFile is an OSError, a truncated file EOFError
+    raise ValueError(f"cannot read {path}: {getattr(e, 'strerror', None) or e}") from None
   return out
 
 

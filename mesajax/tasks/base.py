@@ -51,6 +51,10 @@ class TaskFamily:
   #: Named shifts (``{"name": {"task": {...}, "horizon_mult": k}}``) that a config choosing this
   #: family by name gets by default.
   default_shifts: ClassVar[dict] = {}
+  #: Knobs that only change how ``sample`` draws tasks (e.g. a label-noise level), not ``init``,
+  #: any loss or proxy: programs that take sampled tasks as inputs (the analyses) are compiled once
+  #: for families that differ only in these (``program_key``). The shared tests check the claim.
+  sample_only: ClassVar[tuple] = ()
 
   # --- the interface -------------------------------------------------------------------------
   def sample(self, key: Array) -> PyTree:
@@ -118,6 +122,13 @@ class TaskFamily:
 
   def knobs(self) -> dict:
     return dataclasses.asdict(self)
+
+  def program_key(self) -> "TaskFamily":
+    """The family with its ``sample_only`` knobs at their defaults: equal (and hash-equal) for
+    shifted families whose compiled task-input programs are identical, so a cache keyed on it
+    (``jax.jit`` of a closure over the family) compiles once for all of them."""
+    defaults = {f.name: f.default for f in dataclasses.fields(self) if f.name in self.sample_only}
+    return dataclasses.replace(self, **defaults) if defaults else self
 
   def sample_batch(self, key: Array, n: int) -> PyTree:
     return jax.vmap(self.sample)(jax.random.split(key, n))

@@ -133,6 +133,7 @@ class LinearRegression(_GaussianRegression):
   gd_lr = 0.1
   default_shifts = {"n_train_x10": {"task": {"n_train": 200}}, "noiseless": {"task": {"noise": 0.0}},
                     "dim_x2": {"task": {"dim": 20}}, "horizon_x10": {"horizon_mult": 10}}
+  sample_only = ("noise",)  # only the labels' sampling (and the oracle, which no program uses)
 
   noise: float = 0.5
   w_scale: float = 1.0
