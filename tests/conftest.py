@@ -15,16 +15,24 @@ jax.config.update("jax_default_matmul_precision", "highest")
 # subprocesses, instead of the user's home: many tests build the same smoke-size programs, and a
 # program is served from the cache only when its XLA text (and jax version, backend) is identical.
 # Tracing, lowering and every jit's in-memory cache (which the compile-once tests count) are
-# untouched.
+# untouched. The pytest-xdist workers inherit the controlling process's environment, so they find
+# its directory here; the controller removes it at the end.
+import shutil  # noqa: E402
 import tempfile  # noqa: E402
 
-_run = os.environ.get("PYTEST_XDIST_TESTRUNUID")
-os.environ.setdefault("MESAJAX_COMPILE_CACHE",
-                      os.path.join(tempfile.gettempdir(), f"mesajax-jax-cache-{_run}") if _run
-                      else tempfile.mkdtemp(prefix="mesajax-jax-cache-"))
+_made_cache = None
+if "MESAJAX_COMPILE_CACHE" not in os.environ:
+  _made_cache = tempfile.mkdtemp(prefix="mesajax-jax-cache-")
+  os.environ["MESAJAX_COMPILE_CACHE"] = _made_cache
 from mesajax import compile_cache  # noqa: E402
 
 compile_cache.enable()
+
+
+def pytest_unconfigure(config):
+  if _made_cache is not None:
+    shutil.rmtree(_made_cache, ignore_errors=True)
+
 
 # The longest tests (idle 2-core CPU, `pytest -n 2 --durations=30`: 20–120 s each, most of it XLA
 # compilation) start first: pytest-xdist hands tests out in collection order, and a two-minute
