@@ -5,12 +5,10 @@ compiled population; held against one line-searched GD step, ridge, OLS and the 
 
 Launch:
   python experiments/icl_gd/run.py --workdir runs/icl_gd          (this config + deeper LSA)
-  or, once wired into run.py:  python run.py --config configs/icl_gd.py --workdir runs/icl_gd
-Measured runtime (the shared 2-core development CPU, never idle; see the experiment README's Timing
-table for the load average): this config trained in 358 s and evaluated in 67 s at load 10-16 (the
-whole experiment, 2- and 3-layer models included, took 33 minutes there: over the 10-minute target
-under that contention; no idle-machine measurement yet). ``experiments/icl_gd/run.py --quick``:
-about 3 minutes at load ~20.
+  or this config alone:  python run.py --config configs/icl_gd.py --workdir runs/icl_gd
+Measured runtime (2-core CPU, idle, 2026-11-29): this config trained in 92 s and evaluated in 23 s;
+the whole experiment, 2- and 3-layer models and their probes included, 8 min 2 s (the experiment
+README's Timing table). ``experiments/icl_gd/run.py --quick``: about 3 minutes at load ~20.
 CI size: ``--config configs/icl_gd.py:smoke`` (2 seeds, 40 steps, small evaluation).
 """
 import ml_collections

@@ -6,12 +6,10 @@ transformer; see ``experiments/icl_shift/run.py``.)
 
 Launch:
   python experiments/icl_shift/run.py --workdir runs/icl_shift
-  or, once wired:  python run.py --config configs/icl_shift.py --workdir runs/icl_shift
-Measured runtime (shared 2-core CPU, never idle): this config (the LSA) trained 3000 steps in
-128 s at load ~10 and in 947 s at load 16-24 with nice 10 (then evaluated in 1544 s); the
-experiment README has
-the Timing table of its last full run. ``experiments/icl_shift/run.py --quick``: 467 s wall at load
-21-26 (no idle-machine measurement yet).
+  or this config alone:  python run.py --config configs/icl_shift.py --workdir runs/icl_shift
+Measured runtime (2-core CPU, idle, 2026-11-29): this config (the LSA) trained in 88 s and
+evaluated in 75 s; the whole experiment (LSA, mesa-layer, GPT) 9 min 31 s (the experiment
+README's Timing table). ``experiments/icl_shift/run.py --quick``: 467 s wall at load 21-26.
 CI size: ``--config configs/icl_shift.py:smoke``.
 """
 import ml_collections

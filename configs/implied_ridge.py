@@ -8,11 +8,9 @@ key/query/value projections), 5 seeds as one population.
 
 Launch:
   python experiments/implied_ridge/run.py --workdir runs/implied_ridge   (σ = 0.5 and σ = 1)
-  or, once wired:  python run.py --config configs/implied_ridge.py --workdir runs/implied_ridge
-Measured runtime (shared 2-core CPU, never idle): this config trained in 158 s and evaluated in
-349 s at load 10-16; the whole experiment (three runs) took 1211 s there, over the 10-minute
-target (measured before the evaluator stopped compiling twice per split and computing the model's
-outputs once per reference; not re-measured). ``experiments/implied_ridge/run.py --quick``: 180 s
+  or alone:  python run.py --config configs/implied_ridge.py --workdir runs/implied_ridge
+Measured runtime (2-core CPU, idle, 2026-11-29): this config trained in 64 s and evaluated in 42 s;
+the whole experiment (three runs) 6 min 25 s. ``experiments/implied_ridge/run.py --quick``: 180 s
 wall at load 27-33.
 CI size: ``--config configs/implied_ridge.py:smoke``.
 """
