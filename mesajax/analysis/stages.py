@@ -291,13 +291,15 @@ def fit_results(ctx: SplitContext) -> dict:
     ubar = ctx.qs_updates(sub)[..., coords]
     # Padded with zero rows to the trajectory's T: the real fit's compiled program, same answer
     # (``fit_objective``'s ``valid_T``); η_t cut back to the solved steps.
-    pad = lambda x: np.concatenate(
-        [x, np.zeros((x.shape[0], ctx.t_len - len(sub)) + x.shape[2:], x.dtype)], axis=1)
     n_sub = len(sub)
+    pad = lambda x: np.concatenate(
+        [x, np.zeros((x.shape[0], ctx.t_len - n_sub) + x.shape[2:], x.dtype)], axis=1)
+    valid = (np.arange(ctx.t_len) < n_sub).astype(np.float64)
+    rows_q = np.zeros(ctx.t_len)
+    rows_q[:n_sub] = sub < n_fit
     with jax.enable_x64(True):
       qfit = vfit(jnp.asarray(pad(np.asarray(ubar, np.float64))), jnp.asarray(pad(g[:, sub])),
-                  jnp.asarray(include), jnp.asarray(pad((sub < n_fit)[None].astype(np.float64))[0]),
-                  jnp.asarray(np.arange(ctx.t_len) < n_sub, np.float64))
+                  jnp.asarray(include), jnp.asarray(rows_q), jnp.asarray(valid))
       out["qs_fit"] = jax.tree.map(np.asarray, qfit)
       out["qs_fit"]["eta"] = out["qs_fit"]["eta"][:, :n_sub]
   ctx.cache["fit"] = out

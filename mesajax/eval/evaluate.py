@@ -122,7 +122,8 @@ def evaluate_many(entries, split, cfg_eval, seed: int, tasks=None) -> list[tuple
     tasks = heldout_tasks(split.family, int(cfg_eval.num_tasks), seed, split.name)
   tasks, keys = tasks
   opts, phis, names, kinds = zip(*entries)
-  outs = _run_tasks(tuple(opts), tuple(phis), PresetInit(split.family), tasks, keys,
+  # The tasks are inputs: splits differing only in sample-only knobs share the compiled program.
+  outs = _run_tasks(tuple(opts), tuple(phis), PresetInit(split.family.program_key()), tasks, keys,
                     horizon, every)
   return [_summarise(np.asarray(o, np.float64), name, split, cfg_eval, seed, kind)
           for o, name, kind in zip(outs, names, kinds)]

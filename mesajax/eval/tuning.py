@@ -141,5 +141,6 @@ def tune_many(opts, base_phis, family, horizon: int, cfg_eval, seed: int, split_
   if tasks is None:
     tasks = tuning_tasks(family, int(cfg_eval.num_tuning_tasks), seed, split_name)
   tasks, keys = tasks
-  out = _grid_endpoints(tuple(opts), tuple(phis_G), PresetInit(family), tasks, keys, int(horizon))
+  out = _grid_endpoints(tuple(opts), tuple(phis_G), PresetInit(family.program_key()), tasks, keys,
+                        int(horizon))  # tasks are inputs: program shared across sample-only knobs
   return [select(lrs, np.asarray(initial), np.asarray(final)) for initial, final in out]

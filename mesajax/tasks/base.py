@@ -52,8 +52,9 @@ class TaskFamily:
   #: family by name gets by default.
   default_shifts: ClassVar[dict] = {}
   #: Knobs that only change how ``sample`` draws tasks (e.g. a label-noise level), not ``init``,
-  #: any loss or proxy: programs that take sampled tasks as inputs (the analyses) are compiled once
-  #: for families that differ only in these (``program_key``). The shared tests check the claim.
+  #: any loss or proxy: programs that take sampled tasks as inputs (the analyses, evaluation and
+  #: learning-rate tuning) are compiled once for families that differ only in these
+  #: (``program_key``). The shared tests check the claim.
   sample_only: ClassVar[tuple] = ()
 
   # --- the interface -------------------------------------------------------------------------
