@@ -43,6 +43,39 @@ def test_gmres_solve_and_its_tangent():
     np.testing.assert_allclose(dx, np.linalg.solve(np.asarray(a), np.asarray(db)), rtol=1e-9)
 
 
+def test_krylov_solvers_stop_early_on_an_invariant_space():
+  """GMRES and Newton–Krylov stop once converged: a diagonal map with 3 distinct entries needs
+  about 3 matvecs per solve, not m · (restarts + 1) (the per-coordinate optimizer state maps at
+  10⁵ parameters, where every matvec of the Krylov process reads the whole basis)."""
+  rng = np.random.default_rng(2)
+  calls = []
+  with jax.enable_x64(True):
+    d = jnp.asarray(np.repeat([0.5, 0.1, 1e-3], 50))
+
+    def mv(v):
+      jax.debug.callback(lambda: calls.append(1))
+      return d * v
+
+    b = jnp.asarray(rng.standard_normal(150))
+    x = matfree.gmres(mv, b, m=20, restarts=2)
+    np.testing.assert_allclose(x, b / d, rtol=1e-9)
+    assert len(calls) <= 5, len(calls)  # 1 residual + 3 Arnoldi steps (+1 breakdown check)
+    calls.clear()
+    assert np.all(np.asarray(matfree.gmres(mv, jnp.zeros(150), m=20)) == 0) and not calls
+    # A non-invariant operator still converges, through the restarts.
+    a = jnp.eye(40) * 2.0 + jnp.asarray(rng.standard_normal((40, 40))) * 0.2
+    bb = jnp.asarray(rng.standard_normal(40))
+    np.testing.assert_allclose(matfree.gmres(lambda v: a @ v, bb, m=10, restarts=4),
+                               np.linalg.solve(np.asarray(a), np.asarray(bb)), rtol=1e-8)
+    # Newton–Krylov on the linear map s ← d·s + (1 − d)·g: one Newton step reaches s* = g.
+    g = jnp.asarray(rng.standard_normal(150))
+    calls.clear()
+    F = lambda s, g: mv(s) + (1 - d) * g
+    s = matfree.newton_krylov(F, jnp.zeros(150), g, 1e-13, m=20)
+    np.testing.assert_allclose(s, g, rtol=1e-9)
+    assert len(calls) <= 16, len(calls)  # the fixed count was 3·(3·21 + 2) + 10 = 205
+
+
 def _qs_setup(opt, seed=0):
   fam = Quadratic(dim=DIM, cond=10.0)
   task = fam.sample(jax.random.PRNGKey(seed))
@@ -74,9 +107,14 @@ def test_newton_krylov_and_implicit_tangent_match_dense(opt):
       _, jf = jax.linearize(lambda x: sm.F(x, args), s_mf)
       h, _ = matfree.arnoldi(jf, start, 16)
       f_mf = lambda gg: matfree.implicit_fixed_point(sm.F, s_mf, (gg,) + args[1:], shift, 16)
-      return s_mf, sm.u(s_mf, args), h, jax.jvp(f_mf, (g,), (dg,))[1]
+      # The same tangent with every solve started from one GMRES polynomial of the operator.
+      poly = matfree.fixed_point_polynomial(sm.F, s_mf, args, shift, start, 16)
+      f_pl = lambda gg: matfree.implicit_fixed_point(sm.F, s_mf, (gg,) + args[1:], shift, 16,
+                                                     poly)
+      return (s_mf, sm.u(s_mf, args), h, jax.jvp(f_mf, (g,), (dg,))[1],
+              jax.jvp(f_pl, (g,), (dg,))[1])
 
-    s_mf, u_mf, h, t_mf = matrix_free(g)
+    s_mf, u_mf, h, t_mf, t_pl = matrix_free(g)
     np.testing.assert_allclose(s_mf, dense["s_star"], rtol=1e-8, atol=1e-12)
     np.testing.assert_allclose(u_mf, dense["u_bar"], rtol=1e-7, atol=1e-12)
     # Memory: Arnoldi magnitudes = the dense eigenvalue magnitudes (distinct, largest first).
@@ -89,6 +127,39 @@ def test_newton_krylov_and_implicit_tangent_match_dense(opt):
                                               solution=(dense["s_star"], dense["jac"]))
     t_dn = jax.jit(lambda g: jax.jvp(f_dn, (g,), (dg,))[1])(g)
     np.testing.assert_allclose(t_mf, t_dn, rtol=1e-6, atol=1e-10 * float(jnp.max(jnp.abs(t_dn))))
+    np.testing.assert_allclose(t_pl, t_dn, rtol=1e-6, atol=1e-10 * float(jnp.max(jnp.abs(t_dn))))
+
+
+def test_gmres_polynomial_inverts_other_right_hand_sides():
+  """The GMRES polynomial of one start vector inverts a map with few distinct eigenvalues on any
+  vector (the momenta of the MLP optimizer: 6 decays up to 0.9999, κ ≈ 10⁴), so a solve started
+  from it needs no Krylov step; on a general map it is only a start and GMRES still converges."""
+  rng = np.random.default_rng(4)
+  calls = []
+  with jax.enable_x64(True):
+    betas = np.array([0.1, 0.5, 0.9, 0.99, 0.999, 0.9999])
+    mu = jnp.asarray(np.repeat(1 - betas, 300) + 1e-13)
+
+    def mv(v):
+      jax.debug.callback(lambda: calls.append(1))
+      return mu * v
+
+    poly = matfree.gmres_polynomial(mv, jnp.asarray(rng.standard_normal(1800)), m=12)
+    for b in (rng.standard_normal(1800),                                  # generic
+              np.tile(rng.standard_normal(300), 6) * np.repeat(1 - betas, 300),  # a tangent's form
+              rng.standard_normal(1800) * np.repeat(betas ** 3, 300)):           # skewed weights
+      b = jnp.asarray(b)
+      x = matfree.apply_polynomial(mv, poly, b)
+      assert float(jnp.linalg.norm(mu * x - b) / jnp.linalg.norm(b)) < 1e-10
+      calls.clear()
+      np.testing.assert_allclose(matfree.gmres(mv, b, m=12, x0=x), b / mu, rtol=1e-7)
+      assert len(calls) == 1  # the residual check only
+    a = jnp.eye(40) * 2.0 + jnp.asarray(rng.standard_normal((40, 40))) * 0.2
+    pa = matfree.gmres_polynomial(lambda v: a @ v, jnp.asarray(rng.standard_normal(40)), m=6)
+    bb = jnp.asarray(rng.standard_normal(40))
+    x0 = matfree.apply_polynomial(lambda v: a @ v, pa, bb)
+    np.testing.assert_allclose(matfree.gmres(lambda v: a @ v, bb, m=10, restarts=4, x0=x0),
+                               np.linalg.solve(np.asarray(a), np.asarray(bb)), rtol=1e-8)
 
 
 def test_block_metric_probes_match_dense():

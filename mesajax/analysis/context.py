@@ -251,10 +251,15 @@ def _points_fn(opt, family, dense, want_jac, sm, segments=(), krylov=0, sequenti
         _, jf = jax.linearize(lambda x: sm.F(x, args), s_star)
         start = jax.random.normal(jax.random.PRNGKey(0), s_star.shape, s_star.dtype)
         out["state_hess"] = matfree.arnoldi(jf, start, krylov)[0]
+        # One GMRES polynomial of the frozen operator per point starts every tangent's solve
+        # (~m cheap matvecs instead of a Krylov process re-reading its basis; GMRES then checks
+        # the residual and corrects if the polynomial falls short).
+        poly = matfree.fixed_point_polynomial(sm.F, s_star, args, shift, start, krylov)
 
         def state_fn(grads, p_, c_):
           a = (ravel_pytree(grads)[0], p_, phi, c_, others)
-          return sm.build(matfree.implicit_fixed_point(sm.F, s_star, a, shift, krylov), others)
+          return sm.build(matfree.implicit_fixed_point(sm.F, s_star, a, shift, krylov, poly),
+                          others)
       else:
         sol = qs.solve_point(sm, state, g, params, phi, ctx)
         ub, res = sol["u_bar"], sol["residual"]
@@ -291,27 +296,49 @@ def _points_fn(opt, family, dense, want_jac, sm, segments=(), krylov=0, sequenti
 @functools.lru_cache(maxsize=64)
 def _qs_trajectory_fn(opt, family, sm, krylov=0, fast=False):
   """ū at trajectory points in float64 (for the ``qs:`` objective fit): a fixed-point solve each
-  (Newton–Krylov with ``krylov``-dimensional spaces when ``krylov`` > 0, else dense Newton)."""
+  (Newton–Krylov with ``krylov``-dimensional spaces when ``krylov`` > 0, else dense Newton). The
+  Newton–Krylov solves all start their GMRES from one GMRES polynomial of the state map's operator
+  at the first task's first step (exact for a linear state map such as the MLP optimizer's
+  momenta; only a start otherwise, see ``matfree.gmres_polynomial``)."""
 
-  def one_step(phi, horizon, task, params, state, step, g):
+  def setup(phi, horizon, task, params, state, step, g):
     task, params, state, g = to64((task, params, state, g))
     ctx = fields.with_loss(make_context(step, horizon), family.train_loss_full(params, task))
+    s0, others = sm.split(state)
+    return s0, (g, params, phi, ctx, others)
+
+  def polynomial(phi, horizon, tasks, params, states, steps, g):
+    first = lambda x: x[0]
+    s0, args = setup(phi, horizon, jax.tree.map(first, tasks),
+                     jax.tree.map(lambda x: x[0, 0], params),
+                     jax.tree.map(lambda x: x[0, 0], states), steps[0], g[0, 0])
+    start = jax.random.normal(jax.random.PRNGKey(0), s0.shape, s0.dtype)
+    return matfree.fixed_point_polynomial(sm.F, s0, args, qs._reg(s0.dtype), start, krylov)
+
+  def one_step(phi, horizon, task, params, state, step, g, poly=None):
     if krylov:
-      s0, others = sm.split(state)
-      args = (g, params, phi, ctx, others)
-      return sm.u(matfree.newton_krylov(sm.F, s0, args, qs._reg(g.dtype), m=krylov), args)
+      s0, args = setup(phi, horizon, task, params, state, step, g)
+      return sm.u(matfree.newton_krylov(sm.F, s0, args, qs._reg(s0.dtype), m=krylov, poly=poly),
+                  args)
+    task, params, state, g = to64((task, params, state, g))
+    ctx = fields.with_loss(make_context(step, horizon), family.train_loss_full(params, task))
     return qs.effective_update(sm, state, g, params, phi, ctx)
 
   if qs.batchable(sm.dim):
-    over_t = jax.vmap(one_step, in_axes=(None, None, None, 0, 0, 0, 0))
-    return _jit(jax.vmap(over_t, in_axes=(None, None, 0, 0, 0, None, 0)), fast)
+    def batched(phi, horizon, tasks, params, states, steps, g):
+      poly = polynomial(phi, horizon, tasks, params, states, steps, g) if krylov else None
+      over_t = jax.vmap(lambda *a: one_step(*a, poly=poly), in_axes=(None, None, None, 0, 0, 0, 0))
+      return jax.vmap(over_t, in_axes=(None, None, 0, 0, 0, None, 0))(
+          phi, horizon, tasks, params, states, steps, g)
+    return _jit(batched, fast)
 
   def sequential(phi, horizon, tasks, params, states, steps, g):
+    poly = polynomial(phi, horizon, tasks, params, states, steps, g) if krylov else None
     b, t = g.shape[:2]
     flat = lambda x: x.reshape((b * t,) + x.shape[2:])
     xs = (jax.tree.map(lambda x: jnp.repeat(x, t, axis=0), tasks), jax.tree.map(flat, params),
           jax.tree.map(flat, states), jnp.tile(steps, b), flat(g))
-    out = jax.lax.map(lambda a: one_step(phi, horizon, *a), xs)
+    out = jax.lax.map(lambda a: one_step(phi, horizon, *a, poly=poly), xs)
     return out.reshape((b, t) + out.shape[1:])
 
   return _jit(sequential, fast)

@@ -16,6 +16,12 @@ no-objective nulls of the mesa-objective analyses (``docs/analyses.md``, "Nulls"
 
 W, b, P, ξ are numpy constants built at trace time from the static seed and the (static) parameter
 count, so they are identical for every task, cost nothing to compile, and the state stays empty.
+Above ``DENSE_MAX`` = 4096 parameters, where the dense W (n² floats: 83 GB at 10⁵) and the noise
+table (4096 × n floats: 1.7 GB) no longer fit, both switch to a structured form with the same
+properties (up to 4096 the values are unchanged): W = (scale/√k) Σ_{j<k} S_j Π_j, a sum of k = 8
+random signed permutation matrices (rows of norm ``scale``, as the dense W's on average;
+``random_field_perms``), and ξ_t from a counter-based hash of (seed, t, i) through Box–Muller
+(``hash_normal``; no threefry inside jit). ``precond_sgd`` stays dense (a small-n known answer).
 ``phi = {"log_lr": log η}`` as for the baselines.
 """
 from __future__ import annotations
@@ -45,6 +51,41 @@ def random_field_params(n: int, seed: int, scale: float) -> tuple[np.ndarray, np
   return rng.standard_normal((n, n)) * scale / math.sqrt(n), rng.uniform(0, 2 * math.pi, n)
 
 
+DENSE_MAX = 4096   # above this many parameters the controls use their structured forms
+_NUM_PERMS = 8
+
+
+@functools.lru_cache(maxsize=32)
+def random_field_perms(n: int, seed: int, k: int = _NUM_PERMS) -> tuple[np.ndarray, np.ndarray,
+                                                                           np.ndarray]:
+  """(Π [k, n] int32, S [k, n] ±1, b [n]) of ``RandomField`` above ``DENSE_MAX``:
+  (Wθ)_i = (scale/√k) Σ_j S_ji θ_{Π_ji}."""
+  rng = np.random.default_rng([seed, n, 4])
+  perm = np.stack([rng.permutation(n) for _ in range(k)]).astype(np.int32)
+  sign = rng.choice(np.array([-1.0, 1.0]), (k, n))
+  return perm, sign, rng.uniform(0, 2 * math.pi, n)
+
+
+def _mix32(x: jax.Array) -> jax.Array:
+  """A 32-bit integer hash (the "lowbias32" mixer of C. Wellons): uint32 → uint32."""
+  x = x ^ (x >> 16)
+  x = x * jnp.uint32(0x7FEB352D)
+  x = x ^ (x >> 15)
+  x = x * jnp.uint32(0x846CA68B)
+  return x ^ (x >> 16)
+
+
+def hash_normal(n: int, seed: int, step) -> jax.Array:
+  """n standard normals from (seed, step, index) alone: two hashed uniforms per coordinate,
+  Box–Muller (float32)."""
+  key = _mix32(jnp.uint32(seed * 2654435761 % 2 ** 32) ^ _mix32(jnp.asarray(step, jnp.uint32)))
+  i = jnp.arange(n, dtype=jnp.uint32)
+  unif = lambda h: ((h >> 8).astype(jnp.float32) + 0.5) * (1.0 / 2 ** 24)   # in (0, 1)
+  u1 = unif(_mix32(key ^ _mix32(2 * i)))
+  u2 = unif(_mix32(key ^ _mix32(2 * i + 1)))
+  return jnp.sqrt(-2.0 * jnp.log(u1)) * jnp.cos(2 * math.pi * u2)
+
+
 @functools.lru_cache(maxsize=32)
 def spd_preconditioner(n: int, seed: int, cond: float) -> np.ndarray:
   """The dense SPD P of ``PrecondSGD``: eigenvalues log-spaced in [1/cond, 1], Haar eigenvectors."""
@@ -56,7 +97,10 @@ def spd_preconditioner(n: int, seed: int, cond: float) -> np.ndarray:
 
 
 def _noise(n: int, seed: int, step) -> jax.Array:
-  # A fixed table of noise vectors indexed by the step (no threefry inside jit).
+  # A fixed table of noise vectors indexed by the step (no threefry inside jit); a hash above
+  # DENSE_MAX parameters (the table would be 4096 × n floats).
+  if n > DENSE_MAX:
+    return hash_normal(n, seed, step)
   table = np.random.default_rng([seed, n, 3]).standard_normal((_NOISE_STEPS, n)).astype(np.float32)
   return jnp.asarray(table)[jnp.mod(step, _NOISE_STEPS)]
 
@@ -110,9 +154,15 @@ class RandomField(_Control):
 
   def update(self, phi, state, grads, params, ctx: StepContext):
     th, unravel = ravel_pytree(params)
-    w, b = random_field_params(int(th.shape[0]), self.seed, float(self.scale))
-    u = self.learning_rate_of(phi).astype(th.dtype) * jnp.sin(jnp.asarray(w, th.dtype) @ th
-                                            + jnp.asarray(b, th.dtype))
+    n = int(th.shape[0])
+    if n > DENSE_MAX:  # W as a sum of signed permutations (module docstring)
+      perm, sign, b = random_field_perms(n, self.seed)
+      wth = jnp.sum(jnp.asarray(sign, th.dtype) * th[jnp.asarray(perm)], axis=0) * (
+          float(self.scale) / math.sqrt(perm.shape[0]))
+    else:
+      w, b = random_field_params(n, self.seed, float(self.scale))
+      wth = jnp.asarray(w, th.dtype) @ th
+    u = self.learning_rate_of(phi).astype(th.dtype) * jnp.sin(wth + jnp.asarray(b, th.dtype))
     return unravel(u), state
 
 
