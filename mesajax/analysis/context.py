@@ -302,26 +302,26 @@ def _qs_trajectory_fn(opt, family, sm, krylov=0, fast=False):
   momenta; only a start otherwise, see ``matfree.gmres_polynomial``)."""
 
   def setup(phi, horizon, task, params, state, step, g):
+    """Float64 inputs: (state, its float part s0, the state map's args)."""
     task, params, state, g = to64((task, params, state, g))
     ctx = fields.with_loss(make_context(step, horizon), family.train_loss_full(params, task))
     s0, others = sm.split(state)
-    return s0, (g, params, phi, ctx, others)
+    return state, s0, (g, params, phi, ctx, others)
 
   def polynomial(phi, horizon, tasks, params, states, steps, g):
-    first = lambda x: x[0]
-    s0, args = setup(phi, horizon, jax.tree.map(first, tasks),
-                     jax.tree.map(lambda x: x[0, 0], params),
-                     jax.tree.map(lambda x: x[0, 0], states), steps[0], g[0, 0])
+    first = lambda x: x[0, 0]
+    _, s0, args = setup(phi, horizon, jax.tree.map(lambda x: x[0], tasks),
+                        jax.tree.map(first, params), jax.tree.map(first, states), steps[0],
+                        g[0, 0])
     start = jax.random.normal(jax.random.PRNGKey(0), s0.shape, s0.dtype)
     return matfree.fixed_point_polynomial(sm.F, s0, args, qs._reg(s0.dtype), start, krylov)
 
   def one_step(phi, horizon, task, params, state, step, g, poly=None):
+    state, s0, args = setup(phi, horizon, task, params, state, step, g)
     if krylov:
-      s0, args = setup(phi, horizon, task, params, state, step, g)
       return sm.u(matfree.newton_krylov(sm.F, s0, args, qs._reg(s0.dtype), m=krylov, poly=poly),
                   args)
-    task, params, state, g = to64((task, params, state, g))
-    ctx = fields.with_loss(make_context(step, horizon), family.train_loss_full(params, task))
+    g, params, _, ctx, _ = args
     return qs.effective_update(sm, state, g, params, phi, ctx)
 
   if qs.batchable(sm.dim):
