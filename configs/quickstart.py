@@ -10,8 +10,8 @@ part ways.
 
 Launch (the README's main job; also what ``python run.py`` with no arguments runs):
   python run.py --config configs/quickstart.py --workdir runs/quickstart
-Expected runtime: about 3 min 10 s - 3 min 30 s on an idle 2-core CPU (meta-train ~40 s, evaluate
-~25 s, analyse ~125 s, report ~7 s), less on a rerun (XLA's persistent compilation cache).
+Expected runtime: about 4 min 10 s on an idle 2-core CPU (meta-train ~40 s, evaluate ~25 s,
+analyse ~180 s, report ~7 s), less on a rerun (XLA's persistent compilation cache).
 CI size: ``--config configs/quickstart.py:smoke`` shrinks everything to a few seconds.
 """
 import ml_collections

@@ -127,7 +127,8 @@ def base_config() -> ml_collections.ConfigDict:
   c.analysis.qs_matfree = True   # above qs_max_state: Krylov quasi-static reduction (else skipped)
   c.analysis.krylov_dim = 20     # Arnoldi/GMRES subspace size of that reduction, in [2, 1000]
   c.analysis.point_batch_mb = 1024  # probe products above this (MiB): points one at a time (>= 1)
-  c.analysis.fit_iters = 20      # ALS iterations of the objective fit (>= 1)
+  c.analysis.fit_iters = 10      # ALS iterations of the objective fit (>= 1)
+  c.analysis.fit_polish_steps = 30  # then Levenberg-Marquardt steps to its optimum (>= 0)
   c.analysis.fit_max_coords = 2048  # above this n the fit uses a random subset of coordinates
   c.analysis.num_eigs = 4        # quasi-static eigenvalues reported (>= 1)
   c.analysis.probe_max_rows = 50000  # rows used to fit the hidden-state probes (>= 1)
@@ -139,6 +140,7 @@ def base_config() -> ml_collections.ConfigDict:
   c.analysis.nci_floor = 1e-6    # float64 numerical floor of an exactly symmetric J, in (0, 1)
   c.analysis.heldout_frac = 0.25  # share of the last steps held out of the objective fit, in (0, 1)
   c.analysis.vif_max = 100.0     # largest variance inflation factor of an identifiable term (> 1)
+  c.analysis.vif_profiled_max = 1e4  # the same with the fit's metric and step scales free (> 1)
   c.analysis.num_perms = 20      # permutation-null draws (0 disables the permutation null)
   c.analysis.alpha = 0.05        # level of every null test, in (0, 1)
   c.analysis.stationary_tol = 1e-3  # endpoint gate: |u_end| / max_t |u_t| at most this (> 0)
@@ -194,7 +196,7 @@ SMOKE = {
     "analysis.num_probes": 8, "analysis.n_boot": 50,
     # The smoke run exercises every null's code path once, not its statistics.
     "analysis.num_perms": 2, "analysis.controls": ("noise_update",), "analysis.spd_max": 8,
-    "analysis.fit_iters": 5,
+    "analysis.fit_iters": 5, "analysis.fit_polish_steps": 5,
 }
 
 _SPECIAL = {"nan": math.nan, "+nan": math.nan, "-nan": math.nan, "inf": math.inf,
@@ -594,6 +596,7 @@ ANALYSIS_BOUNDS = {
     "n_boot": (10, MAX_BOOT, False), "endpoint_steps": (1, 10**9, True),
     "dense_max": (0, 10**5, False), "qs_max_state": (0, 10**5, False),
     "num_sens_probes": (1, 10**4, False), "fit_iters": (1, 10**6, False),
+    "fit_polish_steps": (0, 10**6, False),
     "num_eigs": (1, 10**4, False), "probe_max_rows": (1, 10**8, False),
     "qs_fit_steps": (1, MAX_COUNT, False), "qs_fit_max_state": (0, 10**5, False),
     "spd_max": (0, 256, False), "num_perms": (0, 10**4, False),
@@ -606,6 +609,7 @@ ANALYSIS_BOUNDS = {
 ANALYSIS_REAL_BOUNDS = {
     "spd_null_tol": (0.0, 1.0, True, True), "nci_floor": (0.0, 1.0, True, True),
     "heldout_frac": (0.0, 1.0, True, True), "vif_max": (1.0, 1e12, True, False),
+    "vif_profiled_max": (1.0, 1e300, True, False),
     "alpha": (0.0, 1.0, True, True), "stationary_tol": (0.0, 1.0, True, False),
     "tie_rtol": (0.0, 1.0, False, False), "unit_eig_tol": (0.0, 1.0, False, True),
 }

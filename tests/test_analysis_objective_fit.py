@@ -158,3 +158,71 @@ def test_central_difference_velocity_sees_implicit_gradient_regularisation():
   np.testing.assert_allclose(rel[0], 1.0, rtol=0.05)
   np.testing.assert_allclose(rel[1], 1.0, rtol=0.1)
   assert np.all(rel[2] > rel[1]) and np.all(rel[2] > 1.1)  # the bias at larger h
+
+
+def _metric_data(seed=1, sig=1.0, t=24, n=40):
+  """u_t = −η_t M (g0 + ½ g1)_t exactly, with a log-normal diagonal M (mean 1) and varying η_t."""
+  rng = np.random.default_rng(seed)
+  g0, g1 = rng.standard_normal((t, n)), rng.standard_normal((t, n))
+  m = np.exp(sig * rng.standard_normal(n))
+  m /= m.mean()
+  eta = 0.1 * np.exp(0.5 * rng.standard_normal(t))
+  return -eta[:, None] * m[None] * (g0 + 0.5 * g1), g0, g1, m
+
+
+def test_levenberg_marquardt_polish_reaches_the_exact_fit_that_als_approaches():
+  """ALS converges linearly where w and the metric trade off; the LM polish reaches the exact
+  (w, M) to round-off. Without it the same 20 iterations leave an error this test detects."""
+  u, g0, g1, m = _metric_data()
+  g = np.stack([g0, g1], 1)
+  with jax.enable_x64(True):
+    fit = lambda ps: jax.jit(lambda a, b: objective_fit.fit_objective(
+        a, b, np.array([True, True]), 0, 20, polish_steps=ps))(u, g)
+    als, lm = fit(0), fit(20)
+  assert abs(float(als["w_norm"][1]) - 0.5) > 1e-7        # ALS alone: not there after 20 steps
+  assert abs(float(lm["w_norm"][1]) - 0.5) < 1e-10
+  np.testing.assert_allclose(np.asarray(lm["metric"]), m, rtol=1e-9)
+  assert 1.0 - float(lm["r2"]) < 1e-12
+  assert float(lm["r2"]) >= float(als["r2"])
+
+
+def test_profiled_vif_flags_a_term_the_metric_can_absorb():
+  """∇φ = D ∇L_train with a fixed diagonal D is a per-coordinate rescaling of the training
+  gradient: with M free its weight is not identifiable (profiled VIF = ∞), although the
+  correlation-form VIF sees two distinct gradients (≈ 2). An independent term stays identifiable."""
+  u, g0, g1, _ = _metric_data(seed=2)
+  d = np.exp(np.random.default_rng(3).standard_normal(g0.shape[1]))
+  with jax.enable_x64(True):
+    confounded = np.stack([g0, d[None] * g0], 1)
+    out = objective_fit.fit_objective(u, confounded, np.array([True, True]), 0, 20)
+    plain = objective_fit.vifs(objective_fit.gram(confounded)[0], np.array([True, True]))
+    assert np.isinf(float(out["vif_profiled"][1])) and plain[1] < 5
+    clean = np.stack([g0, g1], 1)
+    out = objective_fit.fit_objective(u, clean, np.array([True, True]), 0, 20)
+    assert np.isnan(float(out["vif_profiled"][0]))          # the fixed training-loss weight
+    assert 1.0 <= float(out["vif_profiled"][1]) < 10
+
+
+def test_fit_drops_terms_the_metric_can_absorb_with_a_reason():
+  """The suite's fit (``stages._profiled_identifiable``) refits without a term whose median
+  profiled VIF exceeds vif_max, and says why; an identifiable term is kept. Updates descend
+  L_train in a metric M, so the fitted w_clean is 0, and there M can absorb D ∇L_train exactly."""
+  from mesajax.analysis import stages
+  b = 3
+  us, gs = [], []
+  for i in range(b):
+    u, g0, g1, m = _metric_data(seed=10 + i)
+    eta = -u[:, 0] / (m[0] * (g0[:, 0] + 0.5 * g1[:, 0]))
+    d = np.exp(np.random.default_rng(20 + i).standard_normal(g0.shape[1]))
+    us.append(-eta[:, None] * m[None] * g0)
+    gs.append(np.stack([g0, g1, d[None] * g0], 1))
+  names = ("train_loss", "clean", "rescaled_train")
+  rows = (np.arange(us[0].shape[0]) < 18).astype(np.float64)
+  with jax.enable_x64(True):
+    fit, inc, reasons = stages._profiled_identifiable(
+        stages._fit_fn(20, 0, 20), np.stack(us), np.stack(gs), np.ones(3, bool), rows, names, 0,
+        100.0)
+  assert inc.tolist() == [True, True, False]
+  assert reasons["rescaled_train"].startswith("not identifiable with the metric free")
+  np.testing.assert_allclose(fit["w_norm"][:, 1], 0.0, atol=1e-8)
+  assert np.all(np.asarray(fit["r2"]) > 1 - 1e-10)

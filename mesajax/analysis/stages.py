@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import functools
 import math
+import warnings
 
 import jax
 import jax.numpy as jnp
@@ -210,26 +211,56 @@ def quasi_static_stage(ctx: SplitContext) -> list[dict]:
 # --- 4. objective fit -----------------------------------------------------------------------------
 
 @functools.lru_cache(maxsize=16)
-def _fit_fn(n_iter, train_index):
+def _fit_fn(n_iter, train_index, polish_steps=30):
   fit = lambda u, g, inc, rows, valid: objective_fit.fit_objective(
-      u, g, inc, train_index, n_iter, fit_rows_T=rows, valid_T=valid)
+      u, g, inc, train_index, n_iter, fit_rows_T=rows, valid_T=valid, polish_steps=polish_steps)
   return jax.jit(jax.vmap(fit, in_axes=(0, 0, None, None, None)))
 
 
-def _fit_with_null(vfit, u, g, include, rows_t, perms):
-  """The real fit and the permutation null (task i's updates with task perms[r, i]'s gradients),
-  each draw one call of the real fit's compiled program. (Stacking the draws on the task axis
-  compiled a second, (r + 1)-times larger program per split shape — 3–5 s of XLA:CPU compilation
-  each in the quickstart — to save ~0.3 s of run time.)"""
+def _profiled_identifiable(vfit, u, g, include, rows_t, names, train_ix, vif_max):
+  """The real fit, with terms whose weight is not identifiable once the metric and the step
+  scales are free dropped one at a time (worst median ``vif_profiled`` over tasks first, each
+  drop one more call of the same compiled fit) until every kept term has median profiled VIF
+  ≤ ``vif_max``. Returns ``(fit, include, {name: reason})``."""
+  include = np.array(include, bool)
+  ua, ga, rows = jnp.asarray(u), jnp.asarray(g), jnp.asarray(rows_t)
+  valid = jnp.ones_like(rows)
+  reasons = {}
+  while True:
+    real = jax.tree.map(np.asarray, vfit(ua, ga, jnp.asarray(include), rows, valid))
+    with warnings.catch_warnings():
+      warnings.simplefilter("ignore", RuntimeWarning)
+      vp = np.nanmedian(real["vif_profiled"], axis=0)
+    cand = [k for k in np.flatnonzero(include)
+            if k != train_ix and not np.isnan(vp[k]) and vp[k] > vif_max]
+    if not cand:
+      return real, include, reasons
+    worst = max(cand, key=lambda k: vp[k])
+    reasons[names[worst]] = (f"not identifiable with the metric free: profiled VIF={vp[worst]:.3g}"
+                             f" > {vif_max:g} (median over tasks)")
+    include[worst] = False
+
+
+def _fit_null(vfit, u, g, include, rows_t, perms):
+  """The permutation null (task i's updates with task perms[r, i]'s gradients), each draw one
+  call of the real fit's compiled program. (Stacking the draws on the task axis compiled a second,
+  (r + 1)-times larger program per split shape — 3–5 s of XLA:CPU compilation each in the
+  quickstart — to save ~0.3 s of run time.)"""
+  if not perms.shape[0]:
+    return None
   keep = ("w_norm", "r2_heldout", "r2_train_only_heldout")
   inc, rows = jnp.asarray(include), jnp.asarray(rows_t)
   valid = jnp.ones_like(rows)
-  real = jax.tree.map(np.asarray, vfit(jnp.asarray(u), jnp.asarray(g), inc, rows, valid))
-  if not perms.shape[0]:
-    return real, None
   draws = [jax.tree.map(np.asarray, vfit(jnp.asarray(u), jnp.asarray(g[p]), inc, rows, valid))
            for p in perms]
-  return real, {k: np.stack([d[k] for d in draws]) for k in keep}
+  return {k: np.stack([d[k] for d in draws]) for k in keep}
+
+
+def _median(x) -> float:
+  """Median over the non-NaN entries (∞ counts), NaN when there are none (JSON-safe float)."""
+  x = np.asarray(x, np.float64)
+  x = x[~np.isnan(x)]
+  return float(np.median(x)) if x.size else float("nan")
 
 
 def _tstat(x_AxB):
@@ -276,12 +307,17 @@ def fit_results(ctx: SplitContext) -> dict:
   n_fit = int(math.ceil(ctx.t_len * (1.0 - float(ctx.knob("heldout_frac")))))
   rows_t = (np.arange(ctx.t_len) < n_fit).astype(np.float64)
   iters = int(ctx.knob("fit_iters"))
-  vfit = _fit_fn(iters, ctx.train_ix)
+  vfit = _fit_fn(iters, ctx.train_ix, int(ctx.knob("fit_polish_steps")))
+  include_dictionary = include.copy()  # before the metric-aware check (the endpoint fit's prior)
   with jax.enable_x64(True):
-    real, null = _fit_with_null(vfit, u, g, include, rows_t, ctx.perms)
+    real, include, not_ident = _profiled_identifiable(
+        vfit, u, g, include, rows_t, names, ctx.train_ix, float(ctx.knob("vif_profiled_max")))
+    excluded.update(not_ident)
+    null = _fit_null(vfit, u, g, include, rows_t, ctx.perms)
   ht_r2, ht_r2_0 = objective_fit.heldout_task_r2(u, g, real["w_norm"], real["metric"], include,
                                                  ctx.train_ix, real["metric_train_only"])
   out = {"fit": real, "null": null, "include": include, "excluded": excluded, "rows": rows_t,
+         "include_dictionary": include_dictionary,
          "ht_r2": ht_r2, "ht_r2_0": ht_r2_0, "corr": c_mean, "n_fit": n_fit,
          "coords": (f"all {ctx.n_params}" if isinstance(coords, slice) else
                     f"{n_max} of {ctx.n_params} (uniform random subset)")}
@@ -364,7 +400,8 @@ def objective_fit_stage(ctx: SplitContext) -> list[dict]:
       r.fixed("objective_fit", metric, 1.0, n=ctx.b, note="fixed at 1 (normalisation); the "
               "sign of the update is frac_eta_positive")
       continue
-    r.add("objective_fit", metric, fit["w_norm"][:, k], vif=float(vif[k]))
+    r.add("objective_fit", metric, fit["w_norm"][:, k], vif=float(vif[k]),
+          vif_profiled=_median(fit["vif_profiled"][:, k]))
     row = r.rows[-1]
     if row["value"] is not None:
       excl0 = row["ci_low"] > 0 or row["ci_high"] < 0
@@ -394,7 +431,14 @@ def objective_fit_stage(ctx: SplitContext) -> list[dict]:
     for k, name in enumerate(names):
       if not include[k] or k == ctx.train_ix:
         continue
-      r.add("objective_fit", f"qs:w:{name}", q["w_norm"][:, k])
+      vq = _median(q["vif_profiled"][:, k])
+      vq_max = float(ctx.knob("vif_profiled_max"))
+      if vq > vq_max:  # NaN (no finite fit): the row says why itself
+        r.fixed("objective_fit", f"qs:w:{name}", None, n=ctx.b, vif_profiled=vq,
+                undefined=f"not identifiable with the metric free: profiled VIF={vq:.3g} > "
+                          f"{vq_max:g} (median over tasks)")
+        continue
+      r.add("objective_fit", f"qs:w:{name}", q["w_norm"][:, k], vif_profiled=vq)
       row = r.rows[-1]
       if row["value"] is not None:
         p = sign_flip_pvalue(q["w_norm"][:, k], seed=r.seed_for("objective_fit", "qs", name))
@@ -435,7 +479,9 @@ def endpoint_fit_stage(ctx: SplitContext) -> list[dict]:
       r.fixed("endpoint_fit", f"w:{name}", None, n=n_stat, undefined=reason)
     r.fixed("endpoint_fit", "residual_ratio", None, n=n_stat, undefined=reason)
     return _new_rows(ctx, start)
-  prior = fit_results(ctx)["include"] if "fit" in ctx.cache else None
+  # The trajectory's aliases and collinear terms; not the terms only the free metric M confounds
+  # (the endpoint fit has no metric).
+  prior = fit_results(ctx)["include_dictionary"] if "fit" in ctx.cache else None
   g_s = g_end[stat]
   ep = endpoint_fit.endpoint_fit(g_s, names, ctx.train_ix, g0[stat], n_boot=int(ctx.knob("n_boot")),
                                  seed=r.seed_for("endpoint_fit", "w"), prior_include=prior)

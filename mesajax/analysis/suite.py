@@ -55,10 +55,12 @@ DEFAULTS = {
     "qs_matfree": True,         # above qs_max_state: Krylov quasi-static reduction (else undefined)
     "krylov_dim": 20,           # Arnoldi / GMRES subspace size of the matrix-free reduction (>= 2)
     "point_batch_mb": 1024,     # above this many MiB of probe products, points run one at a time
-    "fit_iters": 20,            # ALS iterations of the objective fit (>= 1)
+    "fit_iters": 10,            # ALS iterations of the objective fit (>= 1)
+    "fit_polish_steps": 30,     # then Levenberg-Marquardt steps to the optimum (>= 0)
     "fit_max_coords": 2048,     # above this many parameters the fit uses a random coordinate subset
     "heldout_frac": 0.25,       # share of the last steps held out of the objective fit (0 < x < 1)
     "vif_max": 100.0,           # largest variance inflation factor of an identifiable term (> 1)
+    "vif_profiled_max": 1e4,    # the same with the metric and step scales profiled out (> 1)
     "num_perms": 20,            # permutation-null draws (>= 0; 0 disables)
     "alpha": 0.05,              # level of every null test (0 < x < 1)
     "stationary_tol": 1e-3,     # endpoint gate: ‖u_end‖ / max_t‖u_t‖ at most this (> 0)
