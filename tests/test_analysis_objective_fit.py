@@ -188,15 +188,17 @@ def test_levenberg_marquardt_polish_reaches_the_exact_fit_that_als_approaches():
 
 def test_profiled_vif_flags_a_term_the_metric_can_absorb():
   """∇φ = D ∇L_train with a fixed diagonal D is a per-coordinate rescaling of the training
-  gradient: with M free its weight is not identifiable (profiled VIF = ∞), although the
-  correlation-form VIF sees two distinct gradients (≈ 2). An independent term stays identifiable."""
+  gradient: with M free its weight is not identifiable (profiled VIF = ∞, or ~1e16 in float64
+  round-off), although the correlation-form VIF sees two distinct gradients (≈ 2). An independent
+  term stays identifiable."""
   u, g0, g1, _ = _metric_data(seed=2)
   d = np.exp(np.random.default_rng(3).standard_normal(g0.shape[1]))
   with jax.enable_x64(True):
     confounded = np.stack([g0, d[None] * g0], 1)
     out = objective_fit.fit_objective(u, confounded, np.array([True, True]), 0, 20)
     plain = objective_fit.vifs(objective_fit.gram(confounded)[0], np.array([True, True]))
-    assert np.isinf(float(out["vif_profiled"][1])) and plain[1] < 5
+    # ∞ in exact arithmetic; float64 round-off leaves S singular to ~1e-16 (jax 0.12: 9e15)
+    assert float(out["vif_profiled"][1]) > 1e12 and plain[1] < 5
     clean = np.stack([g0, g1], 1)
     out = objective_fit.fit_objective(u, clean, np.array([True, True]), 0, 20)
     assert np.isnan(float(out["vif_profiled"][0]))          # the fixed training-loss weight

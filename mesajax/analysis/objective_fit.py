@@ -392,7 +392,10 @@ def fit_objective(u_TxN: Array, g_TxKxN: Array, include_K: Array, train_index: i
   Returns a dict of arrays: ``w_norm`` [K] (w_train = 1, excluded terms 0), ``eta`` [T] (the step
   scale for ``w_norm``), ``share`` [K], ``metric`` [n], ``metric_train_only`` [n], ``metric_cond``,
   ``r2``, ``r2_train_only`` (fitted rows), ``r2_heldout``, ``r2_train_only_heldout`` (other rows;
-  NaN when there are none), ``frac_eta_positive``, ``gram_cond``.
+  NaN when there are none), ``frac_eta_positive``, ``gram_cond``, ``vif_profiled`` [K]
+  (``profiled_vif`` at the fit; NaN for the fixed and excluded terms). ``n_iter`` ALS iterations
+  start each fit, then up to ``polish_steps`` Levenberg–Marquardt steps (``_lm_polish``; 0: ALS
+  alone, as before 2026-11-29).
   """
   include_K = jnp.asarray(include_K, bool)
   dt = u_TxN.dtype
