@@ -201,9 +201,8 @@ def _lm_polish(u_TxN, g_KxTxN, free_K, rows_T, w, m, n_steps, fit_metric, ridge)
   else:
     gram = lambda a: (g_kf * a[None, :]) @ g_kf.T
 
-  def step(carry):
-    i, w, m, lam, f, _ = carry
-    eta, _, g = eta_obj(w, m)
+  def step(carry):  # carries η(w, M) and G(w) of the current point (the last kept trial's)
+    i, w, m, lam, f, _, eta, g = carry
     rho = (u_TxN + eta[:, None] * m[None, :] * g) * r[:, None]
     b = eta[:, None] * g * r[:, None] * fm                                     # ∂ρ/∂M_n
     c = m[None, :] * g * r[:, None]                                            # ∂ρ/∂η_t
@@ -234,7 +233,7 @@ def _lm_polish(u_TxN, g_KxTxN, free_K, rows_T, w, m, n_steps, fit_metric, ridge)
     m2 = m + dm
     m2 = jnp.maximum(m2, 1e-3 * jnp.max(m2))
     m2 = m2 / jnp.mean(m2)
-    _, f2, _ = eta_obj(w2, m2)
+    eta2, f2, g2 = eta_obj(w2, m2)
     ok = jnp.isfinite(f2) & (f2 < f) & jnp.all(jnp.isfinite(w2)) & (jnp.max(m + dm) > 0)
     lam2 = jnp.where(ok, lam / 3.0, lam * 4.0)
     f_new = jnp.where(ok, f2, f)
@@ -242,14 +241,15 @@ def _lm_polish(u_TxN, g_KxTxN, free_K, rows_T, w, m, n_steps, fit_metric, ridge)
     # grown past any useful step. (Checked against running every step: the same fit on the
     # image-MLP and quickstart trajectories measured above.)
     done = (ok & (f - f2 <= 1e-10 * f)) | (f_new <= 1e-28 * uu) | (lam2 > 1e12)
-    return i + 1, jnp.where(ok, w2, w), jnp.where(ok, m2, m), lam2, f_new, done
+    keep = lambda a, b: jnp.where(ok, a, b)
+    return (i + 1, keep(w2, w), keep(m2, m), lam2, f_new, done, keep(eta2, eta), keep(g2, g))
 
   # Stops at convergence (under vmap: once every fit has; finished fits are held fixed) or after
   # n_steps.
   uu = jnp.sum(r[:, None] * u_TxN * u_TxN)
-  f0 = eta_obj(w, m)[1]
-  carry = (jnp.asarray(0), w, m, jnp.asarray(1e-3, dt), f0, f0 <= 1e-28 * uu)
-  _, w, m, _, _, _ = jax.lax.while_loop(lambda c: (c[0] < n_steps) & ~c[5], step, carry)
+  eta0, f0, g0 = eta_obj(w, m)
+  carry = (jnp.asarray(0), w, m, jnp.asarray(1e-3, dt), f0, f0 <= 1e-28 * uu, eta0, g0)
+  _, w, m, _, _, _, _, _ = jax.lax.while_loop(lambda c: (c[0] < n_steps) & ~c[5], step, carry)
   return w, m
 
 
