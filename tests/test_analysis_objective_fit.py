@@ -186,6 +186,29 @@ def test_levenberg_marquardt_polish_reaches_the_exact_fit_that_als_approaches():
   assert float(lm["r2"]) >= float(als["r2"])
 
 
+def test_polish_converges_with_the_metric_floor_active():
+  """Half of the true metric lies below the fit's floor (1e-3 max M): the constrained optimum has
+  those M_n at the floor. The polish holds them there and fixes M's scale at its largest entry,
+  so 30 steps reach the 1000-step fit. (Before, each trial pushed them through the floor, the clip
+  undid it, and every step was rejected: w stayed 1e-6 to 1e-5 off.)"""
+  rng = np.random.default_rng(1)
+  t, n = 24, 40
+  g0, g1 = rng.standard_normal((t, n)), rng.standard_normal((t, n))
+  m = np.exp(rng.standard_normal(n))
+  m[: n // 2] = 1e-6 * m.max()
+  eta = 0.1 * np.exp(0.5 * rng.standard_normal(t))
+  u = -eta[:, None] * (m / m.mean())[None] * (g0 + 0.5 * g1)
+  with jax.enable_x64(True):
+    fit = lambda ps: jax.jit(lambda a, b: objective_fit.fit_objective(
+        a, b, np.array([True, True]), 0, 10, polish_steps=ps))(u, np.stack([g0, g1], 1))
+    als, lm, ref = fit(0), fit(30), fit(1000)
+  fitted_m = np.asarray(lm["metric"])
+  assert np.mean(fitted_m <= 1.0001e-3 * fitted_m.max()) == 0.5
+  assert abs(float(als["w_norm"][1]) - float(ref["w_norm"][1])) > 1e-4   # ALS alone: not there
+  assert abs(float(lm["w_norm"][1]) - float(ref["w_norm"][1])) < 1e-10
+  assert abs(float(lm["r2"]) - float(ref["r2"])) < 1e-13
+
+
 def test_profiled_vif_flags_a_term_the_metric_can_absorb():
   """∇φ = D ∇L_train with a fixed diagonal D is a per-coordinate rescaling of the training
   gradient: with M free its weight is not identifiable (profiled VIF = ∞, or ~1e16 in float64
