@@ -10,8 +10,8 @@ part ways.
 
 Launch (the README's main job; also what ``python run.py`` with no arguments runs):
   python run.py --config configs/quickstart.py --workdir runs/quickstart
-Expected runtime: about 4 min 10 s on an idle 2-core CPU (meta-train ~40 s, evaluate ~25 s,
-analyse ~180 s, report ~7 s), less on a rerun (XLA's persistent compilation cache).
+Expected runtime: about 2 min on an idle 2-core AMD EPYC (meta-train ~18 s, evaluate ~12 s, analyse
+~81 s, report ~3 s; 4 min 12 s on a slower 2-core CPU), less on a rerun (compilation cache).
 CI size: ``--config configs/quickstart.py:smoke`` shrinks everything to a few seconds.
 """
 import ml_collections

@@ -144,6 +144,43 @@ def _init_weights(u_TxN, gs_TxKxN, inc, rows_T, ridge):
   return c
 
 
+def _weighted_gram(g_kf):
+  """a ↦ Σ_j a_j g_kj g_lj (K×K) for a [K, T·n] block: for T·n ≤ 8192 from the K(K+1)/2 products
+  g_k ⊙ g_l formed once (under the vmap over tasks and permutations, batched dots of tiny blocks
+  are slow on CPU), a matrix product above (see ``_als`` for the measurements)."""
+  k, tn = g_kf.shape
+  if tn > 8192:
+    return lambda a: (g_kf * a[None, :]) @ g_kf.T
+  iu = np.triu_indices(k)
+  pairs = g_kf[iu[0]] * g_kf[iu[1]]                                    # [K(K+1)/2, T·n]
+
+  def gram_w(a):
+    upper = jnp.zeros((k, k), g_kf.dtype).at[iu].set(jnp.sum(pairs * a[None, :], axis=-1))
+    return upper + upper.T - jnp.diag(jnp.diag(upper))
+  return gram_w
+
+
+def _gn_blocks(u_TxN, g_KxTxN, gram, free_K, r_T, m, eta, g, fm):
+  """Gauss–Newton blocks of ρ_tn = r_t (u_tn + η_t M_n G_tn), G = Σ_k w_k g_k (given as ``g``
+  [T, n]), in (w_free, M, η), with J's products formed without the [K, T, n] ∂ρ/∂w_k = η_t M_n
+  g_tkn: the information blocks I_ww [K, K], I_wM [K, n], I_wη [K, T], diag I_MM [n], diag I_ηη
+  [T], I_Mη (elementwise [T, n]) and Jᵀρ as (g_w [K], g_M [n], g_η [T]). ``fm`` (scalar or [n])
+  zeroes the M columns (metric not fitted, or held). ``gram`` is ``_weighted_gram`` of g's
+  [K, T·n] form."""
+  k, t, n = g_KxTxN.shape
+  rho = (u_TxN + eta[:, None] * m[None, :] * g) * r_T[:, None]
+  b = eta[:, None] * g * r_T[:, None] * fm                                   # ∂ρ/∂M_n
+  c = m[None, :] * g * r_T[:, None]                                          # ∂ρ/∂η_t
+  fr = free_K[:, None]
+  iww = gram(((r_T * eta * eta)[:, None] * (m * m)[None, :]).reshape(-1)) * fr * fr.T
+  iwm = jnp.sum(g_KxTxN * (r_T * eta * eta)[None, :, None] * g[None], axis=1) \
+      * (m * fm)[None, :] * fr
+  iwe = jnp.sum(g_KxTxN * ((m * m)[None, :] * g)[None], axis=2) * (r_T * eta)[None, :] * fr
+  gw = g_KxTxN.reshape(k, t * n) @ (eta[:, None] * m[None, :] * rho).reshape(-1) * free_K
+  return (iww, iwm, iwe, jnp.sum(b * b, axis=0), jnp.sum(c * c, axis=1), b * c,
+          gw, jnp.sum(b * rho, axis=0), jnp.sum(c * rho, axis=1))
+
+
 def _block_solve(iww, iwx, iwy, d_x, d_y, c_xy, gw, gx, gy):
   """Solves [[Iww, Iwx, Iwy], [Ixw, diag d_x, Cxy], [Iyw, Cyx, diag d_y]] (dw, dx, dy) = −(gw, gx, gy)
   by eliminating the diagonal x block; the rest is one dense (K + |y|) solve. Returns
@@ -191,20 +228,10 @@ def _lm_polish(u_TxN, g_KxTxN, free_K, rows_T, w, m, n_steps, fit_metric, ridge)
     rho = u_TxN + eta[:, None] * mg
     return eta, jnp.sum(r[:, None] * rho * rho), g
 
-  if t * n <= 8192:  # as in _als: the K(K+1)/2 products g_k ⊙ g_l once, not a batched matmul
-    iu = np.triu_indices(k)
-    pairs = g_kf[iu[0]] * g_kf[iu[1]]
-
-    def gram(a):
-      upper = jnp.zeros((k, k), dt).at[iu].set(jnp.sum(pairs * a[None, :], axis=-1))
-      return upper + upper.T - jnp.diag(jnp.diag(upper))
-  else:
-    gram = lambda a: (g_kf * a[None, :]) @ g_kf.T
+  gram = _weighted_gram(g_kf)
 
   def step(carry):  # carries η(w, M) and G(w) of the current point (the last kept trial's)
     i, w, m, lam, f, _, eta, g = carry
-    rho = (u_TxN + eta[:, None] * m[None, :] * g) * r[:, None]
-    b = eta[:, None] * g * r[:, None] * fm                                     # ∂ρ/∂M_n
     # Projected step. (1) M_n at its floor (1e-3 max M) with f's gradient pushing it lower stays
     # there (the bound is active). (2) The largest M_n is held (the gauge: f is invariant to
     # M → cM with η → η/c, so nothing is lost), so the floor does not move under the step. Without
@@ -212,24 +239,11 @@ def _lm_polish(u_TxN, g_KxTxN, free_K, rows_T, w, m, n_steps, fit_metric, ridge)
     # undid the step, f rose, and every trial was rejected until λ ran out: measured on an
     # untrained optimizer's 10⁵-parameter trajectories (93% of M at the floor), fits stuck at
     # their ALS start (one task: held-out R² 0.15 where the fit reaches 0.25).
-    act = (m <= 1.000001e-3 * jnp.max(m)) & (jnp.sum(b * rho, axis=0) > 0)
-    act = act | (jnp.arange(n) == jnp.argmax(m))
+    iww, iwm, iwe, imm, iee, ime, gw, gm, ge = _gn_blocks(u_TxN, g_KxTxN, gram, free_K, r, m,
+                                                          eta, g, fm)
+    act = ((m <= 1.000001e-3 * jnp.max(m)) & (gm > 0)) | (jnp.arange(n) == jnp.argmax(m))
     fmn = fm * (1.0 - act.astype(dt))                                          # [n]: M_n free
-    b = b * fmn[None, :]
-    c = m[None, :] * g * r[:, None]                                            # ∂ρ/∂η_t
-    # ∂ρ/∂w_k = η_t M_n g_tkn: its products with itself, b, c and ρ without forming it [K, T, n]
-    fr = free_K[:, None]
-    wts = (r * eta * eta)[:, None] * (m * m)[None, :]
-    iww = gram(wts.reshape(-1)) * fr * fr.T
-    iwm = jnp.sum(g_KxTxN * (r * eta * eta)[None, :, None] * g[None], axis=1) \
-        * (m * fmn)[None, :] * fr
-    iwe = jnp.sum(g_KxTxN * ((m * m)[None, :] * g)[None], axis=2) * (r * eta)[None, :] * fr
-    gw = g_kf @ (eta[:, None] * m[None, :] * rho).reshape(-1) * free_K
-    imm = jnp.sum(b * b, axis=0)
-    iee = jnp.sum(c * c, axis=1)
-    ime = b * c                                                                # [T, n]
-    gm = jnp.sum(b * rho, axis=0)
-    ge = jnp.sum(c * rho, axis=1)
+    iwm, imm, ime, gm = iwm * fmn[None, :], imm * fmn, ime * fmn[None, :], gm * fmn
     d = 1.0 + lam
     iww_d = iww + jnp.diag(jnp.diag(iww) * lam + ridge * jnp.trace(iww) + (1.0 - free_K))
     d_m = imm * d + (1.0 - fmn) + tiny        # frozen M (no metric fit, or at its bound): dm = 0
@@ -287,20 +301,14 @@ def profiled_vif(u_TxN, g_KxTxN, free_K, rows_T, w_K, m_N, fit_metric: bool = Tr
   dt = u_TxN.dtype
   r = rows_T.astype(dt)
   fm = 1.0 if fit_metric else 0.0
-  g = jnp.einsum("k,ktn->tn", w_K, g_KxTxN)
+  g = w_K @ g_KxTxN.reshape(k, t * n)
+  g = g.reshape(t, n)
   mg = m_N[None, :] * g
   eta = -jnp.sum(u_TxN * mg, axis=1) / (jnp.sum(mg * mg, axis=1) + jnp.finfo(dt).tiny)
-  a_k = eta[None, :, None] * m_N[None, None, :] * g_KxTxN * free_K[:, None, None]
-  b = eta[:, None] * g * r[:, None] * fm
-  c = m_N[None, :] * g * r[:, None]
-  ar = a_k * r[None, :, None]
-  iww = jnp.einsum("ktn,ltn->kl", ar, a_k)
-  iwm = jnp.einsum("ktn,tn->kn", ar, b)
-  iwe = jnp.einsum("ktn,tn->kt", ar, c)
-  imm = jnp.sum(b * b, axis=0)
+  iww, iwm, iwe, imm, iee, ime, _, _, _ = _gn_blocks(
+      u_TxN, g_KxTxN, _weighted_gram(g_KxTxN.reshape(k, t * n)), free_K, r, m_N, eta, g, fm)
   inv_a = jnp.where(imm > 0, 1.0 / jnp.where(imm > 0, imm, 1.0), 0.0)
-  ime = b * c
-  s_ee = jnp.diag(jnp.sum(c * c, axis=1) + (1.0 - r)) - (ime * inv_a[None, :]) @ ime.T
+  s_ee = jnp.diag(iee + (1.0 - r)) - (ime * inv_a[None, :]) @ ime.T
   e = eta * r
   e = e / jnp.maximum(jnp.linalg.norm(e), jnp.finfo(dt).tiny)
   s_ee = s_ee + (jnp.trace(s_ee) / t) * jnp.outer(e, e) * fm
@@ -336,15 +344,7 @@ def _als(u_TxN, gs_TxKxN, free_K, fixed_K, rows_T, n_iter, fit_metric, ridge, w0
   small = t * n <= 8192
   comb = ((lambda c: jnp.sum(c[:, None] * g_kf, axis=0)) if small else (lambda c: c @ g_kf))
   proj = ((lambda a: jnp.sum(g_kf * a[None, :], axis=-1)) if small else (lambda a: g_kf @ a))
-  if small:  # the K(K+1)/2 distinct products g_k ⊙ g_l, formed once per fit (not per iteration)
-    iu = np.triu_indices(k)
-    pairs = g_kf[iu[0]] * g_kf[iu[1]]                                  # [K(K+1)/2, T·n]
-
-    def gram_w(a):
-      upper = jnp.zeros((k, k), dt).at[iu].set(jnp.sum(pairs * a[None, :], axis=-1))
-      return upper + upper.T - jnp.diag(jnp.diag(upper))
-  else:
-    gram_w = lambda a: (g_kf * a[None, :]) @ g_kf.T
+  gram_w = _weighted_gram(g_kf)
 
   def eta_of(w, m):
     g = comb(w).reshape(t, n)
