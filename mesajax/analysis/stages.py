@@ -217,6 +217,12 @@ def _fit_fn(n_iter, train_index, polish_steps=30):
   return jax.jit(jax.vmap(fit, in_axes=(0, 0, None, None, None)))
 
 
+def _not_identifiable(vif_profiled: float, vif_max: float) -> str:
+  """The reason a weight row carries when its median profiled VIF exceeds the limit."""
+  return (f"not identifiable with the metric free: profiled VIF={vif_profiled:.3g} > "
+          f"{vif_max:g} (median over tasks)")
+
+
 def _profiled_identifiable(vfit, u, g, include, rows_t, names, train_ix, vif_max):
   """The real fit, with terms whose weight is not identifiable once the metric and the step
   scales are free dropped one at a time (worst median ``vif_profiled`` over tasks first, each
@@ -236,8 +242,7 @@ def _profiled_identifiable(vfit, u, g, include, rows_t, names, train_ix, vif_max
     if not cand:
       return real, include, reasons
     worst = max(cand, key=lambda k: vp[k])
-    reasons[names[worst]] = (f"not identifiable with the metric free: profiled VIF={vp[worst]:.3g}"
-                             f" > {vif_max:g} (median over tasks)")
+    reasons[names[worst]] = _not_identifiable(vp[worst], vif_max)
     include[worst] = False
 
 
@@ -435,8 +440,7 @@ def objective_fit_stage(ctx: SplitContext) -> list[dict]:
       vq_max = float(ctx.knob("vif_profiled_max"))
       if vq > vq_max:  # NaN (no finite fit): the row says why itself
         r.fixed("objective_fit", f"qs:w:{name}", None, n=ctx.b, vif_profiled=vq,
-                undefined=f"not identifiable with the metric free: profiled VIF={vq:.3g} > "
-                          f"{vq_max:g} (median over tasks)")
+                undefined=_not_identifiable(vq, vq_max))
         continue
       r.add("objective_fit", f"qs:w:{name}", q["w_norm"][:, k], vif_profiled=vq)
       row = r.rows[-1]
