@@ -119,7 +119,8 @@ def parse(argv) -> Args:
 
 def main(argv):
   a = parse(argv)
-  from mesajax import checkpoint, lock
+  from mesajax import allocator, checkpoint, lock
+  allocator.keep_freed_memory()  # freed host buffers reused, not page-faulted back in
   from mesajax.config import load, resolve
   from mesajax import compile_cache, distributed, pipeline, rundir
   needs_config = a.command in ("all", "train") or (a.command == "analyze" and a.optimizer)

@@ -59,7 +59,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 if ROOT not in sys.path:
   sys.path.insert(0, ROOT)
 
-from mesajax import checkpoint, lock  # noqa: E402
+from mesajax import allocator, checkpoint, lock  # noqa: E402
 from mesajax import pipeline  # noqa: E402
 from mesajax.config import resolve  # noqa: E402
 from mesajax.report.rows import make_row, ordered_unique, read_rows, replace_rows, write_rows  # noqa: E402
@@ -502,6 +502,7 @@ def main(doc: str, build: Callable[[bool], dict], report: Callable[[str, list, b
   ``quick_controls`` / ``quick_stages``: what ``--quick`` runs instead of ``controls`` /
   ``stages`` (None: the same).
   Bad input is a one-line error and exit status 2 before anything compiles."""
+  allocator.keep_freed_memory()  # as run.py (mesajax/allocator.py)
   ap = argparse.ArgumentParser(description=doc.strip().splitlines()[0])
   ap.add_argument("--workdir", required=True, help="output directory (created)")
   ap.add_argument("--quick", action="store_true", help="the CI size (seconds to minutes)")

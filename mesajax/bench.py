@@ -323,6 +323,9 @@ def run_analysis_bench(config, sizes, out: str, log=print) -> list[dict]:
 def main(argv):
   from absl import flags
 
+  from mesajax import allocator
+  allocator.keep_freed_memory()  # as run.py (mesajax/allocator.py)
+
   from mesajax.config import load, resolve
   flags.DEFINE_string("config", None, "configs/NAME.py[:arg] (--config.KEY=VALUE overrides apply)")
   flags.DEFINE_integer("steps", 100, "timed outer steps per repeat")

@@ -27,6 +27,10 @@ if "MESAJAX_COMPILE_CACHE" not in os.environ:
 from mesajax import compile_cache  # noqa: E402
 
 compile_cache.enable()
+# As run.py: freed host buffers are kept and reused instead of page-faulted back in (allocator.py).
+from mesajax import allocator  # noqa: E402
+
+allocator.keep_freed_memory()
 
 
 def pytest_unconfigure(config):

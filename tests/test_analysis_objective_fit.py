@@ -186,6 +186,29 @@ def test_levenberg_marquardt_polish_reaches_the_exact_fit_that_als_approaches():
   assert float(lm["r2"]) >= float(als["r2"])
 
 
+def test_full_fit_is_never_worse_in_sample_than_the_training_loss_alone():
+  """Updates that follow the training loss through a metric spanning ~10⁴ plus much noise: the
+  fit's objective (bilinear in (w, M) and η) has several local optima, and full fits started at
+  (w = e_train, M = 1) and from the pooled direction ended below the training-loss-only fit in
+  sample (by 0.037 in R² on one of these tasks, 0.013 on another). The full fit starts from the
+  training-loss-only end point and keeps it as a candidate, so it cannot end below it."""
+  t, n, k, b = 24, 64, 4, 8
+  rows = (np.arange(t) < 18).astype(np.float64)
+  with jax.enable_x64(True):
+    fit = jax.jit(jax.vmap(lambda a, c: objective_fit.fit_objective(
+        a, c, np.ones(k, bool), 0, 10, fit_rows_T=rows)))
+    for seed in (17, 37):
+      rng = np.random.default_rng(seed)
+      g = rng.standard_normal((b, t, k, n)) * np.exp(2 * rng.standard_normal((b, 1, k, n)))
+      m = np.exp(3 * rng.standard_normal((b, 1, n)))
+      eta = np.exp(rng.standard_normal((b, t, 1)))
+      u = -eta * m * g[:, :, 0] + 3 * rng.standard_normal((b, t, n)) * np.sqrt(m) * np.abs(
+          g[:, :, 0]).mean()
+      out = jax.tree.map(np.asarray, fit(u, g))
+      assert np.all(out["r2"] >= out["r2_train_only"] - 1e-12), seed
+      assert np.all(np.isfinite(out["r2_heldout"]))
+
+
 def test_polish_converges_with_the_metric_floor_active():
   """Half of the true metric lies below the fit's floor (1e-3 max M): the constrained optimum has
   those M_n at the floor. The polish holds them there and fixes M's scale at its largest entry,
