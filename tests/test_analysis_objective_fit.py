@@ -274,3 +274,36 @@ def test_fit_drops_terms_the_metric_can_absorb_with_a_reason():
   assert reasons["rescaled_train"].startswith("not identifiable with the metric free")
   np.testing.assert_allclose(fit["w_norm"][:, 1], 0.0, atol=1e-8)
   assert np.all(np.asarray(fit["r2"]) > 1 - 1e-10)
+
+
+def test_weight_rows_leave_out_the_tasks_where_the_metric_absorbs_the_term():
+  """A term identifiable in most tasks (median profiled VIF small: kept by the suite) can be
+  confounded with M in one: there ∇φ = D ∇L_train for a fixed diagonal D, its weight is not
+  determined by the fit, and before it entered the weight row's mean (|w| up to 10¹⁰ in real
+  fits). ``stages._identifiable_w`` leaves that task out of the row, and only that one."""
+  from mesajax.analysis import stages
+  us, gs = [], []
+  for i in range(4):
+    u, g0, g1, m = _metric_data(seed=30 + i)
+    eta = -u[:, 0] / (m[0] * (g0[:, 0] + 0.5 * g1[:, 0]))
+    rng = np.random.default_rng(40 + i)
+    if i < 3:   # u descends L_train + ½ clean + 0.3 third, an independent term
+      third = rng.standard_normal(g0.shape)
+      us.append(-eta[:, None] * m[None] * (g0 + 0.5 * g1 + 0.3 * third))
+    else:       # u descends L_train alone, and third = D ∇L_train: M absorbs it exactly
+      third = np.exp(rng.standard_normal(g0.shape[1]))[None] * g0
+      us.append(-eta[:, None] * m[None] * g0)
+    gs.append(np.stack([g0, g1, third], 1))
+  names = ("train_loss", "clean", "third")
+  rows = (np.arange(us[0].shape[0]) < 18).astype(np.float64)
+  with jax.enable_x64(True):
+    fit, inc, reasons = stages._profiled_identifiable(
+        stages._fit_fn(20, 0, 30), np.stack(us), np.stack(gs), np.ones(3, bool), rows, names, 0,
+        100.0)
+  assert inc.tolist() == [True, True, True] and not reasons
+  vif = np.asarray(fit["vif_profiled"])[:, 2]
+  assert np.all(vif[:3] < 100.0) and vif[3] > 100.0
+  w = stages._identifiable_w(fit["w_norm"][:, 2], fit["vif_profiled"][:, 2], 100.0)
+  assert np.all(np.isfinite(w[:3])) and np.isnan(w[3])
+  np.testing.assert_array_equal(w[:3], np.asarray(fit["w_norm"])[:3, 2])
+  np.testing.assert_allclose(w[:3], 0.3, rtol=1e-6)

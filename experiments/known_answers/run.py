@@ -7,7 +7,7 @@ Runs every analysis on problems whose answer is known in closed form — hand-de
 through the same driver (``mesajax.analysis.suite.run_analyses``) that analyses learned ones, and
 hand-built fields / hidden states for the cases no registered optimizer realises — and writes
 ``DIR/known_answers.md`` (expected beside measured) and ``DIR/results.jsonl`` (tidy rows with the
-extra keys ``expected`` and ``passed``). About 2-3 minutes on an idle 2-core CPU; ``--quick``
+extra keys ``expected`` and ``passed``). About 1.5-3 minutes on an idle 2-core CPU; ``--quick``
 (CI) runs only the gradient-descent cases (about 20 s of CPU time).
 
 Besides the closed-form answers, each failure class of the analysis-validity review is a case:

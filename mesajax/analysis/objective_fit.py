@@ -442,8 +442,9 @@ def fit_objective(u_TxN: Array, g_TxKxN: Array, include_K: Array, train_index: i
   # 0.248), and which optimum a start reached changed with the program's round-off. The
   # training-loss-only end point is itself a point of the full model, so it is a third candidate:
   # the kept fit (the best in-sample R² of the three) is never worse in sample than the training
-  # loss alone. (Starting a full fit there as well was tried: it fixed that task and lost a
-  # better optimum the M = 1 start had found on another, 0.421 → 0.260.)
+  # loss alone. (Starting the w = e_train fit there, with that fit's metric instead of M = 1, was
+  # tried: it fixed that task and lost a better optimum the M = 1 start had found on another,
+  # 0.421 → 0.260.)
   inc_f = include_K.astype(dt)
   w_svd = _init_weights(u_TxN, gs, inc_f, rows, ridge)
   c_fix = jnp.sum(w_svd * fixed)

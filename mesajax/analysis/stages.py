@@ -253,12 +253,23 @@ def _fit_null(vfit, u, g, include, rows_t, perms):
   quickstart — to save ~0.3 s of run time.)"""
   if not perms.shape[0]:
     return None
-  keep = ("w_norm", "r2_heldout", "r2_train_only_heldout")
+  keep = ("w_norm", "r2_heldout", "r2_train_only_heldout", "vif_profiled")
   inc, rows = jnp.asarray(include), jnp.asarray(rows_t)
   valid = jnp.ones_like(rows)
   draws = [jax.tree.map(np.asarray, vfit(jnp.asarray(u), jnp.asarray(g[p]), inc, rows, valid))
            for p in perms]
   return {k: np.stack([d[k] for d in draws]) for k in keep}
+
+
+def _identifiable_w(w_B, vif_B, vif_max: float):
+  """Per-task weights with the tasks where the weight is not identifiable once the metric and
+  the step scales are free (profiled VIF > ``vif_max``) set to NaN. A term kept by the median
+  criterion (``_profiled_identifiable``) can still be confounded with M in some tasks, and there
+  its fitted weight runs off along a flat valley (measured: |w| 10⁴–10¹⁰, dominating the mean
+  over tasks) without changing the fit."""
+  w = np.asarray(w_B, np.float64)
+  with np.errstate(invalid="ignore"):
+    return np.where(np.asarray(vif_B, np.float64) > vif_max, np.nan, w)
 
 
 def _median(x) -> float:
@@ -393,6 +404,9 @@ def objective_fit_stage(ctx: SplitContext) -> list[dict]:
   r.add("objective_fit", "gram_cond", fit["gram_cond"], stat=np.median)
   r.add("objective_fit", "metric_cond", fit["metric_cond"], stat=np.median)
   vif = objective_fit.vifs(f["corr"], include)
+  vif_p_max = float(ctx.knob("vif_profiled_max"))
+  not_ident_task = (f"not identifiable in those tasks with the metric free: profiled VIF > "
+                    f"{vif_p_max:g}")
 
   # Weights: w_train = 1 by construction; a term is a finding only when the out-of-sample gain
   # clears its null and the weight's t-statistic clears the permutation null of the weight.
@@ -405,22 +419,26 @@ def objective_fit_stage(ctx: SplitContext) -> list[dict]:
       r.fixed("objective_fit", metric, 1.0, n=ctx.b, note="fixed at 1 (normalisation); the "
               "sign of the update is frac_eta_positive")
       continue
-    r.add("objective_fit", metric, fit["w_norm"][:, k], vif=float(vif[k]),
-          vif_profiled=_median(fit["vif_profiled"][:, k]))
+    w_k = _identifiable_w(fit["w_norm"][:, k], fit["vif_profiled"][:, k], vif_p_max)
+    r.add("objective_fit", metric, w_k, vif=float(vif[k]),
+          vif_profiled=_median(fit["vif_profiled"][:, k]), undefined=not_ident_task)
     row = r.rows[-1]
     if row["value"] is not None:
       excl0 = row["ci_low"] > 0 or row["ci_high"] < 0
       if null is not None:
-        t_obs = _tstat(fit["w_norm"][:, k][None])[0]
-        t_null = _tstat(null["w_norm"][:, :, k])
+        t_obs = _tstat(w_k[None])[0]
+        t_null = _tstat(_identifiable_w(null["w_norm"][:, :, k], null["vif_profiled"][:, :, k],
+                                        vif_p_max))
         p = null_pvalue(t_obs, t_null[np.isfinite(t_null)])
         _mark(row, perm_name + "; t-statistic of the weight", p,
               bool(p < alpha and excl0 and gain_clears))
       else:
-        p = sign_flip_pvalue(fit["w_norm"][:, k], seed=r.seed_for("objective_fit", metric))
+        p = sign_flip_pvalue(w_k, seed=r.seed_for("objective_fit", metric))
         _mark(row, "sign flip", p, bool(p < alpha and excl0 and gain_clears))
       row["requires"] = "r2_gain_heldout_steps clears its null"
-    r.add("objective_fit", f"share:{name}", fit["share"][:, k])
+    r.add("objective_fit", f"share:{name}",
+          _identifiable_w(fit["share"][:, k], fit["vif_profiled"][:, k], vif_p_max),
+          undefined=not_ident_task)
 
   if "qs_fit" in f:
     q = f["qs_fit"]
@@ -442,10 +460,11 @@ def objective_fit_stage(ctx: SplitContext) -> list[dict]:
         r.fixed("objective_fit", f"qs:w:{name}", None, n=ctx.b, vif_profiled=vq,
                 undefined=_not_identifiable(vq, vq_max))
         continue
-      r.add("objective_fit", f"qs:w:{name}", q["w_norm"][:, k], vif_profiled=vq)
+      qw_k = _identifiable_w(q["w_norm"][:, k], q["vif_profiled"][:, k], vq_max)
+      r.add("objective_fit", f"qs:w:{name}", qw_k, vif_profiled=vq, undefined=not_ident_task)
       row = r.rows[-1]
       if row["value"] is not None:
-        p = sign_flip_pvalue(q["w_norm"][:, k], seed=r.seed_for("objective_fit", "qs", name))
+        p = sign_flip_pvalue(qw_k, seed=r.seed_for("objective_fit", "qs", name))
         excl0 = row["ci_low"] > 0 or row["ci_high"] < 0
         _mark(row, "sign flip", p, bool(p < alpha and excl0 and q_clears))
   return _new_rows(ctx, start)
