@@ -307,3 +307,6 @@ def test_weight_rows_leave_out_the_tasks_where_the_metric_absorbs_the_term():
   assert np.all(np.isfinite(w[:3])) and np.isnan(w[3])
   np.testing.assert_array_equal(w[:3], np.asarray(fit["w_norm"])[:3, 2])
   np.testing.assert_allclose(w[:3], 0.3, rtol=1e-6)
+  assert stages._vif_reason(fit["vif_profiled"][:, 2], 100.0).startswith(
+      "1 of 4 tasks not identifiable with the metric free")
+  assert stages._vif_reason(fit["vif_profiled"][:3, 1], 100.0) is None

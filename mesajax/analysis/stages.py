@@ -272,6 +272,15 @@ def _identifiable_w(w_B, vif_B, vif_max: float):
     return np.where(np.asarray(vif_B, np.float64) > vif_max, np.nan, w)
 
 
+def _vif_reason(vif_B, vif_max: float) -> str | None:
+  """The ``undefined_tasks`` reason of a weight row with tasks left out by ``_identifiable_w``
+  (None when none is; tasks left out for a non-finite fit are counted by ``n_undefined`` alone)."""
+  with np.errstate(invalid="ignore"):
+    bad = int(np.sum(np.asarray(vif_B, np.float64) > vif_max))
+  return (f"{bad} of {np.size(vif_B)} tasks not identifiable with the metric free: profiled "
+          f"VIF > {vif_max:g}") if bad else None
+
+
 def _median(x) -> float:
   """Median over the non-NaN entries (∞ counts), NaN when there are none (JSON-safe float)."""
   x = np.asarray(x, np.float64)
@@ -405,8 +414,6 @@ def objective_fit_stage(ctx: SplitContext) -> list[dict]:
   r.add("objective_fit", "metric_cond", fit["metric_cond"], stat=np.median)
   vif = objective_fit.vifs(f["corr"], include)
   vif_p_max = float(ctx.knob("vif_profiled_max"))
-  not_ident_task = (f"not identifiable in those tasks with the metric free: profiled VIF > "
-                    f"{vif_p_max:g}")
 
   # Weights: w_train = 1 by construction; a term is a finding only when the out-of-sample gain
   # clears its null and the weight's t-statistic clears the permutation null of the weight.
@@ -421,7 +428,8 @@ def objective_fit_stage(ctx: SplitContext) -> list[dict]:
       continue
     w_k = _identifiable_w(fit["w_norm"][:, k], fit["vif_profiled"][:, k], vif_p_max)
     r.add("objective_fit", metric, w_k, vif=float(vif[k]),
-          vif_profiled=_median(fit["vif_profiled"][:, k]), undefined=not_ident_task)
+          vif_profiled=_median(fit["vif_profiled"][:, k]),
+          undefined=_vif_reason(fit["vif_profiled"][:, k], vif_p_max))
     row = r.rows[-1]
     if row["value"] is not None:
       excl0 = row["ci_low"] > 0 or row["ci_high"] < 0
@@ -438,7 +446,7 @@ def objective_fit_stage(ctx: SplitContext) -> list[dict]:
       row["requires"] = "r2_gain_heldout_steps clears its null"
     r.add("objective_fit", f"share:{name}",
           _identifiable_w(fit["share"][:, k], fit["vif_profiled"][:, k], vif_p_max),
-          undefined=not_ident_task)
+          undefined=_vif_reason(fit["vif_profiled"][:, k], vif_p_max))
 
   if "qs_fit" in f:
     q = f["qs_fit"]
@@ -461,7 +469,8 @@ def objective_fit_stage(ctx: SplitContext) -> list[dict]:
                 undefined=_not_identifiable(vq, vq_max))
         continue
       qw_k = _identifiable_w(q["w_norm"][:, k], q["vif_profiled"][:, k], vq_max)
-      r.add("objective_fit", f"qs:w:{name}", qw_k, vif_profiled=vq, undefined=not_ident_task)
+      r.add("objective_fit", f"qs:w:{name}", qw_k, vif_profiled=vq,
+            undefined=_vif_reason(q["vif_profiled"][:, k], vq_max))
       row = r.rows[-1]
       if row["value"] is not None:
         p = sign_flip_pvalue(qw_k, seed=r.seed_for("objective_fit", "qs", name))
