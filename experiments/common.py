@@ -47,6 +47,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import math
 import os
 import shutil
 import sys
@@ -423,6 +424,13 @@ def metric_figure(rows: Sequence[dict], analysis: str, metric: str, x_param: str
   xs = _xs(rows, x_param, variants)
   fig, axes = plt.subplots(1, len(splits), figsize=(4.2 * len(splits), 3.4), squeeze=False)
   for ax, s in zip(axes[0], splits):
+    # Values spanning many decades (e.g. a weight in raw units where a term's gradient is tiny,
+    # as for the untrained null near θ₀) would flatten every other line onto 0: symmetric log
+    # scale, linear within the median magnitude.
+    mags = sorted(abs(r["value"]) for r in an if r["split"] == s and r.get("value") is not None
+                  and r["value"] != 0 and math.isfinite(r["value"]))
+    if mags and mags[-1] > 1e3 * mags[len(mags) // 2]:
+      ax.set_yscale("symlog", linthresh=mags[len(mags) // 2])
     for opt in ordered_unique(r["optimizer"] for r in an if r["split"] == s):
       per = [[r["value"] for r in select(an, variant=v, split=s, optimizer=opt)
               if r.get("value") is not None] for v in variants]
