@@ -251,11 +251,21 @@ def test_profiled_vif_flags_a_term_the_metric_can_absorb():
     assert 1.0 <= float(out["vif_profiled"][1]) < 10
 
 
+def _suite_fit(us, gs, names, polish_steps):
+  """The suite's fit with its profiled-VIF drops (``stages._profiled_identifiable``, vif_max 100)
+  on per-task lists of updates and dictionary gradients, w and M fitted on the first 18 steps."""
+  from mesajax.analysis import stages
+  rows = (np.arange(us[0].shape[0]) < 18).astype(np.float64)
+  with jax.enable_x64(True):
+    return stages._profiled_identifiable(
+        stages._fit_fn(20, 0, polish_steps), np.stack(us), np.stack(gs),
+        np.ones(len(names), bool), rows, names, 0, 100.0)
+
+
 def test_fit_drops_terms_the_metric_can_absorb_with_a_reason():
   """The suite's fit (``stages._profiled_identifiable``) refits without a term whose median
   profiled VIF exceeds vif_max, and says why; an identifiable term is kept. Updates descend
   L_train in a metric M, so the fitted w_clean is 0, and there M can absorb D ∇L_train exactly."""
-  from mesajax.analysis import stages
   b = 3
   us, gs = [], []
   for i in range(b):
@@ -264,12 +274,7 @@ def test_fit_drops_terms_the_metric_can_absorb_with_a_reason():
     d = np.exp(np.random.default_rng(20 + i).standard_normal(g0.shape[1]))
     us.append(-eta[:, None] * m[None] * g0)
     gs.append(np.stack([g0, g1, d[None] * g0], 1))
-  names = ("train_loss", "clean", "rescaled_train")
-  rows = (np.arange(us[0].shape[0]) < 18).astype(np.float64)
-  with jax.enable_x64(True):
-    fit, inc, reasons = stages._profiled_identifiable(
-        stages._fit_fn(20, 0, 20), np.stack(us), np.stack(gs), np.ones(3, bool), rows, names, 0,
-        100.0)
+  fit, inc, reasons = _suite_fit(us, gs, ("train_loss", "clean", "rescaled_train"), 20)
   assert inc.tolist() == [True, True, False]
   assert reasons["rescaled_train"].startswith("not identifiable with the metric free")
   np.testing.assert_allclose(fit["w_norm"][:, 1], 0.0, atol=1e-8)
@@ -294,12 +299,7 @@ def test_weight_rows_leave_out_the_tasks_where_the_metric_absorbs_the_term():
       third = np.exp(rng.standard_normal(g0.shape[1]))[None] * g0
       us.append(-eta[:, None] * m[None] * g0)
     gs.append(np.stack([g0, g1, third], 1))
-  names = ("train_loss", "clean", "third")
-  rows = (np.arange(us[0].shape[0]) < 18).astype(np.float64)
-  with jax.enable_x64(True):
-    fit, inc, reasons = stages._profiled_identifiable(
-        stages._fit_fn(20, 0, 30), np.stack(us), np.stack(gs), np.ones(3, bool), rows, names, 0,
-        100.0)
+  fit, inc, reasons = _suite_fit(us, gs, ("train_loss", "clean", "third"), 30)
   assert inc.tolist() == [True, True, True] and not reasons
   vif = np.asarray(fit["vif_profiled"])[:, 2]
   assert np.all(vif[:3] < 100.0) and vif[3] > 100.0
