@@ -147,6 +147,13 @@ def _init_weights(u_TxN, gs_TxKxN, inc, rows_T, ridge):
   return c
 
 
+def _step_scales(u_TxN, mg_TxN):
+  """η_t = −⟨u_t, (M G)_t⟩ / ‖(M G)_t‖²: the per-step scale minimising ‖u_t + η_t M G_t‖² in
+  closed form (variable projection), used by ALS, the polish and ``profiled_vif``."""
+  tiny = jnp.finfo(u_TxN.dtype).tiny
+  return -jnp.sum(u_TxN * mg_TxN, axis=1) / (jnp.sum(mg_TxN * mg_TxN, axis=1) + tiny)
+
+
 def _weighted_gram(g_kf):
   """a ↦ Σ_j a_j g_kj g_lj (K×K) for a [K, T·n] block: for T·n ≤ 8192 from the K(K+1)/2 products
   g_k ⊙ g_l formed once (under the vmap over tasks and permutations, batched dots of tiny blocks
@@ -227,7 +234,7 @@ def _lm_polish(u_TxN, g_KxTxN, free_K, rows_T, w, m, n_steps, fit_metric, ridge)
   def eta_obj(w, m):
     g = (w @ g_kf).reshape(t, n)
     mg = m[None, :] * g
-    eta = -jnp.sum(u_TxN * mg, axis=1) / (jnp.sum(mg * mg, axis=1) + tiny)
+    eta = _step_scales(u_TxN, mg)
     rho = u_TxN + eta[:, None] * mg
     return eta, jnp.sum(r[:, None] * rho * rho), g
 
@@ -307,7 +314,7 @@ def profiled_vif(u_TxN, g_KxTxN, free_K, rows_T, w_K, m_N, fit_metric: bool = Tr
   g = w_K @ g_KxTxN.reshape(k, t * n)
   g = g.reshape(t, n)
   mg = m_N[None, :] * g
-  eta = -jnp.sum(u_TxN * mg, axis=1) / (jnp.sum(mg * mg, axis=1) + jnp.finfo(dt).tiny)
+  eta = _step_scales(u_TxN, mg)
   iww, iwm, iwe, imm, iee, ime, _, _, _ = _gn_blocks(
       u_TxN, g_KxTxN, _weighted_gram(g_KxTxN.reshape(k, t * n)), free_K, r, m_N, eta, g, fm)
   inv_a = jnp.where(imm > 0, 1.0 / jnp.where(imm > 0, imm, 1.0), 0.0)
@@ -352,7 +359,7 @@ def _als(u_TxN, gs_TxKxN, free_K, fixed_K, rows_T, n_iter, fit_metric, ridge, w0
   def eta_of(w, m):
     g = comb(w).reshape(t, n)
     mg = m[None, :] * g
-    return -jnp.sum(u_TxN * mg, axis=1) / (jnp.sum(mg * mg, axis=1) + tiny), mg, g
+    return _step_scales(u_TxN, mg), mg, g
 
   def body(_, carry):
     w, m = carry

@@ -426,10 +426,11 @@ def objective_fit_stage(ctx: SplitContext) -> list[dict]:
       r.fixed("objective_fit", metric, 1.0, n=ctx.b, note="fixed at 1 (normalisation); the "
               "sign of the update is frac_eta_positive")
       continue
-    w_k = _identifiable_w(fit["w_norm"][:, k], fit["vif_profiled"][:, k], vif_p_max)
-    r.add("objective_fit", metric, w_k, vif=float(vif[k]),
-          vif_profiled=_median(fit["vif_profiled"][:, k]),
-          undefined=_vif_reason(fit["vif_profiled"][:, k], vif_p_max))
+    vif_k = fit["vif_profiled"][:, k]
+    left_out = _vif_reason(vif_k, vif_p_max)
+    w_k = _identifiable_w(fit["w_norm"][:, k], vif_k, vif_p_max)
+    r.add("objective_fit", metric, w_k, vif=float(vif[k]), vif_profiled=_median(vif_k),
+          undefined=left_out)
     row = r.rows[-1]
     if row["value"] is not None:
       excl0 = row["ci_low"] > 0 or row["ci_high"] < 0
@@ -444,9 +445,8 @@ def objective_fit_stage(ctx: SplitContext) -> list[dict]:
         p = sign_flip_pvalue(w_k, seed=r.seed_for("objective_fit", metric))
         _mark(row, "sign flip", p, bool(p < alpha and excl0 and gain_clears))
       row["requires"] = "r2_gain_heldout_steps clears its null"
-    r.add("objective_fit", f"share:{name}",
-          _identifiable_w(fit["share"][:, k], fit["vif_profiled"][:, k], vif_p_max),
-          undefined=_vif_reason(fit["vif_profiled"][:, k], vif_p_max))
+    r.add("objective_fit", f"share:{name}", _identifiable_w(fit["share"][:, k], vif_k, vif_p_max),
+          undefined=left_out)
 
   if "qs_fit" in f:
     q = f["qs_fit"]
