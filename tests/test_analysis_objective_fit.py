@@ -310,3 +310,32 @@ def test_weight_rows_leave_out_the_tasks_where_the_metric_absorbs_the_term():
   assert stages._vif_reason(fit["vif_profiled"][:, 2], 100.0).startswith(
       "1 of 4 tasks not identifiable with the metric free")
   assert stages._vif_reason(fit["vif_profiled"][:3, 1], 100.0) is None
+  # That task's fitted objective Φ_w is undefined too (alignment's divergence test skips it).
+  assert stages._phi_undefined(inc, fit["vif_profiled"], 100.0).tolist() == [False] * 3 + [True]
+  assert not stages._phi_undefined(np.array([True, False, False]), fit["vif_profiled"],
+                                   100.0).any()
+
+
+def test_fit_on_gathered_rows_equals_the_fit_on_all_rows():
+  """``max_fit_rows`` gathers the fitted rows (any mask, here not a prefix) before ALS and the
+  polish: the held-out and padding rows carry no weight, so w, M, η and every R² are those of the
+  fit over all T rows, to round-off."""
+  rng = np.random.default_rng(5)
+  t, n = 30, 24
+  u, g0, g1, _ = _metric_data(seed=4, t=t, n=n)
+  u = u + 0.3 * np.abs(u).mean() * rng.standard_normal(u.shape)      # a noisy, unique optimum
+  g = np.stack([g0, g1, rng.standard_normal((t, n))], 1)
+  rows = (rng.random(t) < 0.6).astype(np.float64)
+  valid = np.ones(t)
+  valid[-4:] = 0.0
+  rows[-4:] = 0.0
+  u[-4:], g[-4:] = 0.0, 0.0                                          # padding rows
+  with jax.enable_x64(True):
+    fit = lambda mr: jax.tree.map(np.asarray, jax.jit(lambda a, b: objective_fit.fit_objective(
+        a, b, np.ones(3, bool), 0, 10, fit_rows_T=rows, valid_T=valid,
+        max_fit_rows=mr))(u, g))
+    full, gathered = fit(None), fit(int(rows.sum()) + 2)
+  for key in ("w_norm", "metric", "eta", "r2", "r2_heldout", "r2_train_only_heldout",
+              "vif_profiled"):
+    np.testing.assert_allclose(gathered[key], full[key], rtol=1e-7, atol=1e-12, err_msg=key)
+  assert 0.3 < float(full["r2_heldout"]) < 0.99

@@ -15,6 +15,8 @@ For a trajectory θ_0..θ_T with updates u_t = θ_{t+1} − θ_t (full-batch), p
                          L_outer(θ_tdiv)),
                          while the fitted implicit objective Φ_w = Σ_k w_k φ_k (``objective_fit``
                          weights of the same task) falls, Φ_w(θ_T) < Φ_w(θ_tdiv); NaN (null) if not.
+                         (The suite sets it undefined where a weight of the task is not
+                         identifiable with the metric free: ``stages._phi_undefined``.)
 
 Known answer: gradient descent on the training loss of an over-parameterised noisy regression has
 cos(u, −∇L_train) = 1 while the descent ratio turns negative late and a divergence step exists

@@ -210,10 +210,15 @@ def quasi_static_stage(ctx: SplitContext) -> list[dict]:
 
 # --- 4. objective fit -----------------------------------------------------------------------------
 
+# Dictionary-gradient floats ([B, T, K, n]) above which the qs: fit compiles its own program.
+QS_OWN_PROGRAM = 2 ** 21
+
+
 @functools.lru_cache(maxsize=16)
-def _fit_fn(n_iter, train_index, polish_steps=30):
+def _fit_fn(n_iter, train_index, polish_steps=30, max_fit_rows=None):
   fit = lambda u, g, inc, rows, valid: objective_fit.fit_objective(
-      u, g, inc, train_index, n_iter, fit_rows_T=rows, valid_T=valid, polish_steps=polish_steps)
+      u, g, inc, train_index, n_iter, fit_rows_T=rows, valid_T=valid, polish_steps=polish_steps,
+      max_fit_rows=max_fit_rows)
   return jax.jit(jax.vmap(fit, in_axes=(0, 0, None, None, None)))
 
 
@@ -246,16 +251,16 @@ def _profiled_identifiable(vfit, u, g, include, rows_t, names, train_ix, vif_max
     include[worst] = False
 
 
-def _fit_null(vfit, u, g, include, rows_t, perms):
-  """The permutation null (task i's updates with task perms[r, i]'s gradients), each draw one
-  call of the real fit's compiled program. (Stacking the draws on the task axis compiled a second,
+def _fit_null(vfit, u, g, include, rows_t, perms, valid_t=None):
+  """The permutation null (task i's updates, or ū, with task perms[r, i]'s gradients), each draw
+  one call of the compiled program of the fit it is the null of. (Stacking the draws on the task axis compiled a second,
   (r + 1)-times larger program per split shape — 3–5 s of XLA:CPU compilation each in the
   quickstart — to save ~0.3 s of run time.)"""
   if not perms.shape[0]:
     return None
   keep = ("w_norm", "r2_heldout", "r2_train_only_heldout", "vif_profiled")
   inc, rows = jnp.asarray(include), jnp.asarray(rows_t)
-  valid = jnp.ones_like(rows)
+  valid = jnp.ones_like(rows) if valid_t is None else jnp.asarray(valid_t)
   draws = [jax.tree.map(np.asarray, vfit(jnp.asarray(u), jnp.asarray(g[p]), inc, rows, valid))
            for p in perms]
   return {k: np.stack([d[k] for d in draws]) for k in keep}
@@ -332,7 +337,8 @@ def fit_results(ctx: SplitContext) -> dict:
   n_fit = int(math.ceil(ctx.t_len * (1.0 - float(ctx.knob("heldout_frac")))))
   rows_t = (np.arange(ctx.t_len) < n_fit).astype(np.float64)
   iters = int(ctx.knob("fit_iters"))
-  vfit = _fit_fn(iters, ctx.train_ix, int(ctx.knob("fit_polish_steps")))
+  # Every fit of this context (real, null draws, qs:) fits w and M on at most n_fit rows.
+  vfit = _fit_fn(iters, ctx.train_ix, int(ctx.knob("fit_polish_steps")), n_fit)
   include_dictionary = include.copy()  # before the metric-aware check (the endpoint fit's prior)
   with jax.enable_x64(True):
     real, include, not_ident = _profiled_identifiable(
@@ -350,22 +356,75 @@ def fit_results(ctx: SplitContext) -> dict:
     sub = np.unique(np.linspace(0, ctx.t_len - 1, min(ctx.t_len, int(ctx.knob("qs_fit_steps")))
                                 ).round().astype(np.int32))
     ubar = ctx.qs_updates(sub)[..., coords]
-    # Padded with zero rows to the trajectory's T: the real fit's compiled program, same answer
-    # (``fit_objective``'s ``valid_T``); η_t cut back to the solved steps.
+    # Padded with zero rows to the trajectory's T (``fit_objective``'s ``valid_T``: the same
+    # answer); η_t cut back to the solved steps. Small fits reuse the real fit's compiled program
+    # (compiling is the cost there); above QS_OWN_PROGRAM floats the qs: fit gets its own program
+    # for its fewer fitted rows (~19 of 25 against the real fit's 30 at T = 40: ~35% less work in
+    # each of its 1 + num_perms calls, for one more compilation).
     n_sub = len(sub)
     pad = lambda x: np.concatenate(
         [x, np.zeros((x.shape[0], ctx.t_len - n_sub) + x.shape[2:], x.dtype)], axis=1)
     valid = (np.arange(ctx.t_len) < n_sub).astype(np.float64)
     rows_q = np.zeros(ctx.t_len)
     rows_q[:n_sub] = sub < n_fit
+    q_u, q_g = pad(np.asarray(ubar, np.float64)), pad(g[:, sub])
+    vfit_q = vfit
+    if g.size >= QS_OWN_PROGRAM:
+      vfit_q = _fit_fn(iters, ctx.train_ix, int(ctx.knob("fit_polish_steps")),
+                       max(int(rows_q.sum()), 1))
     with jax.enable_x64(True):
-      qfit = vfit(jnp.asarray(pad(np.asarray(ubar, np.float64))), jnp.asarray(pad(g[:, sub])),
-                  jnp.asarray(include), jnp.asarray(rows_q), jnp.asarray(valid))
+      qfit = vfit_q(jnp.asarray(q_u), jnp.asarray(q_g), jnp.asarray(include),
+                    jnp.asarray(rows_q), jnp.asarray(valid))
       out["qs_fit"] = jax.tree.map(np.asarray, qfit)
       out["qs_fit"]["eta"] = out["qs_fit"]["eta"][:, :n_sub]
+      # The qs: fit's own permutation null (ū of task i with task perms[r, i]'s gradients): a
+      # sign flip of the per-task weights is not calibrated here (tasks share structure that
+      # gives every task the same nonzero weight; the untrained initialisation cleared it in up
+      # to a third of its rows).
+      out["qs_null"] = _fit_null(vfit_q, q_u, q_g, include, rows_q, ctx.perms, valid)
   ctx.cache["fit"] = out
   ctx.lap("objective_fit")
   return out
+
+
+def _test_gain(row, gain_B, null, perm_name, alpha, seed) -> bool:
+  """Marks an ``r2_gain_heldout_steps`` row against the permutation null of the same fit (the
+  task-mean gain of each draw; one-sided) or, without draws, a sign flip of the per-task gains;
+  returns whether it clears (p < alpha and the CI above 0)."""
+  if row["value"] is None:
+    return False
+  if null is not None:
+    ng = np.nanmean(null["r2_heldout"] - null["r2_train_only_heldout"], axis=1)
+    p = null_pvalue(row["value"], ng, two_sided=False)
+    row["null_q95"] = float(np.nanquantile(ng, 0.95)) if np.any(np.isfinite(ng)) else None
+    clears = bool(p < alpha and row["ci_low"] > 0)
+    _mark(row, perm_name, p, clears)
+    return clears
+  p = sign_flip_pvalue(gain_B, seed=seed)
+  clears = bool(p < alpha and row["ci_low"] > 0)
+  _mark(row, "sign flip of the per-task gains", p, clears)
+  return clears
+
+
+def _test_weight(row, w_B, k, null, perm_name, alpha, vif_max, gain_clears, seed, gain_metric):
+  """Marks a weight row (per-task weights ``w_B``, term ``k``): the t-statistic of the weights
+  over tasks against the same statistic of each permutation draw (its non-identifiable tasks left
+  out alike), or, without draws, a sign flip. It clears only if p < alpha, its CI excludes 0 and
+  ``gain_metric`` clears its null (``gain_clears``)."""
+  if row["value"] is None:
+    return
+  excl0 = row["ci_low"] > 0 or row["ci_high"] < 0
+  if null is not None:
+    t_obs = _tstat(np.asarray(w_B)[None])[0]
+    t_null = _tstat(_identifiable_w(null["w_norm"][:, :, k], null["vif_profiled"][:, :, k],
+                                    vif_max))
+    p = null_pvalue(t_obs, t_null[np.isfinite(t_null)])
+    _mark(row, perm_name + "; t-statistic of the weight", p,
+          bool(p < alpha and excl0 and gain_clears))
+  else:
+    p = sign_flip_pvalue(w_B, seed=seed)
+    _mark(row, "sign flip", p, bool(p < alpha and excl0 and gain_clears))
+  row["requires"] = f"{gain_metric} clears its null"
 
 
 def objective_fit_stage(ctx: SplitContext) -> list[dict]:
@@ -383,19 +442,8 @@ def objective_fit_stage(ctx: SplitContext) -> list[dict]:
   r.add("objective_fit", "r2_heldout_steps", fit["r2_heldout"], **common)
   r.add("objective_fit", "r2_train_only_heldout_steps", fit["r2_train_only_heldout"], **common)
   r.add("objective_fit", "r2_gain_heldout_steps", gain, **common)
-  gain_row = r.rows[-1]
-  gain_clears = False
-  if gain_row["value"] is not None:
-    if null is not None:
-      ng = np.nanmean(null["r2_heldout"] - null["r2_train_only_heldout"], axis=1)
-      p = null_pvalue(gain_row["value"], ng, two_sided=False)
-      gain_row["null_q95"] = float(np.nanquantile(ng, 0.95)) if np.any(np.isfinite(ng)) else None
-      gain_clears = bool(p < alpha and gain_row["ci_low"] > 0)
-      _mark(gain_row, perm_name, p, gain_clears)
-    else:
-      p = sign_flip_pvalue(gain, seed=r.seed_for("objective_fit", "gain_flip"))
-      gain_clears = bool(p < alpha and gain_row["ci_low"] > 0)
-      _mark(gain_row, "sign flip of the per-task gains", p, gain_clears)
+  gain_clears = _test_gain(r.rows[-1], gain, null, perm_name, alpha,
+                           r.seed_for("objective_fit", "gain_flip"))
   # R² on held-out tasks (the objective fitted on the other tasks).
   ht_gain = f["ht_r2"] - f["ht_r2_0"]
   r.add("objective_fit", "r2_heldout_tasks", f["ht_r2"])
@@ -431,34 +479,19 @@ def objective_fit_stage(ctx: SplitContext) -> list[dict]:
     w_k = _identifiable_w(fit["w_norm"][:, k], vif_k, vif_p_max)
     r.add("objective_fit", metric, w_k, vif=float(vif[k]), vif_profiled=_median(vif_k),
           undefined=left_out)
-    row = r.rows[-1]
-    if row["value"] is not None:
-      excl0 = row["ci_low"] > 0 or row["ci_high"] < 0
-      if null is not None:
-        t_obs = _tstat(w_k[None])[0]
-        t_null = _tstat(_identifiable_w(null["w_norm"][:, :, k], null["vif_profiled"][:, :, k],
-                                        vif_p_max))
-        p = null_pvalue(t_obs, t_null[np.isfinite(t_null)])
-        _mark(row, perm_name + "; t-statistic of the weight", p,
-              bool(p < alpha and excl0 and gain_clears))
-      else:
-        p = sign_flip_pvalue(w_k, seed=r.seed_for("objective_fit", metric))
-        _mark(row, "sign flip", p, bool(p < alpha and excl0 and gain_clears))
-      row["requires"] = "r2_gain_heldout_steps clears its null"
+    _test_weight(r.rows[-1], w_k, k, null, perm_name, alpha, vif_p_max, gain_clears,
+                 r.seed_for("objective_fit", metric), "r2_gain_heldout_steps")
     r.add("objective_fit", f"share:{name}", _identifiable_w(fit["share"][:, k], vif_k, vif_p_max),
           undefined=left_out)
 
   if "qs_fit" in f:
-    q = f["qs_fit"]
+    q, q_null = f["qs_fit"], f["qs_null"]
     qgain = q["r2_heldout"] - q["r2_train_only_heldout"]
+    q_perm = f"permutation: ū paired with another task's gradients ({n_perm} draws)"
     r.add("objective_fit", "qs:r2_heldout_steps", q["r2_heldout"])
     r.add("objective_fit", "qs:r2_gain_heldout_steps", qgain)
-    row = r.rows[-1]
-    q_clears = False
-    if row["value"] is not None:
-      p = sign_flip_pvalue(qgain, seed=r.seed_for("objective_fit", "qs_gain"))
-      q_clears = bool(p < alpha and row["ci_low"] > 0)
-      _mark(row, "sign flip of the per-task gains", p, q_clears)
+    q_clears = _test_gain(r.rows[-1], qgain, q_null, q_perm, alpha,
+                          r.seed_for("objective_fit", "qs_gain"))
     for k, name in enumerate(names):
       if not include[k] or k == ctx.train_ix:
         continue
@@ -471,11 +504,8 @@ def objective_fit_stage(ctx: SplitContext) -> list[dict]:
       qw_k = _identifiable_w(q["w_norm"][:, k], q["vif_profiled"][:, k], vq_max)
       r.add("objective_fit", f"qs:w:{name}", qw_k, vif_profiled=vq,
             undefined=_vif_reason(q["vif_profiled"][:, k], vq_max))
-      row = r.rows[-1]
-      if row["value"] is not None:
-        p = sign_flip_pvalue(qw_k, seed=r.seed_for("objective_fit", "qs", name))
-        excl0 = row["ci_low"] > 0 or row["ci_high"] < 0
-        _mark(row, "sign flip", p, bool(p < alpha and excl0 and q_clears))
+      _test_weight(r.rows[-1], qw_k, k, q_null, q_perm, alpha, vq_max, q_clears,
+                   r.seed_for("objective_fit", "qs", name), "qs:r2_gain_heldout_steps")
   return _new_rows(ctx, start)
 
 
@@ -547,6 +577,14 @@ def endpoint_fit_stage(ctx: SplitContext) -> list[dict]:
 
 # --- 6. alignment ---------------------------------------------------------------------------------
 
+def _phi_undefined(include_K, vif_BxK, vif_max: float) -> np.ndarray:
+  """bool [B]: tasks whose fitted objective Φ_w = Σ_k w_k φ_k is undefined, because an included
+  term's weight is not identifiable there with the metric free (profiled VIF > ``vif_max``)."""
+  with np.errstate(invalid="ignore"):
+    return np.any(np.asarray(include_K, bool)[None, :]
+                  & (np.asarray(vif_BxK, np.float64) > vif_max), axis=1)
+
+
 def alignment_stage(ctx: SplitContext) -> list[dict]:
   start = len(ctx.rows.rows)
   r, alpha = ctx.rows, float(ctx.knob("alpha"))
@@ -559,6 +597,19 @@ def alignment_stage(ctx: SplitContext) -> list[dict]:
   tie = float(ctx.knob("tie_rtol"))
   al = [align_mod.alignment(u[i], gt[i], go[i], vals[i, :, ctx.outer_ix], vals[i] @ w_fit[i],
                             tie_rtol=tie) for i in range(ctx.b)]
+  # Φ_w of a task where some included term's weight is not identifiable with the metric free
+  # (its profiled VIF above the limit: the weight ran off along a flat valley, |w| up to 10¹⁰)
+  # is that one term, not the fitted objective: the divergence test is undefined there.
+  vif_max = float(ctx.knob("vif_profiled_max"))
+  phi_bad = _phi_undefined(f["include"], f["fit"]["vif_profiled"], vif_max)
+  for i in np.flatnonzero(phi_bad):
+    al[i]["divergence_step"] = al[i]["diverged"] = np.nan
+  phi_reason = (f"{int(phi_bad.sum())} of {ctx.b} tasks: Φ_w undefined (a weight not "
+                f"identifiable with the metric free: profiled VIF > {vif_max:g})"
+                if phi_bad.any() else None)
+  div_all_nan = all(np.isnan(a["divergence_step"]) for a in al)
+  div_reason = "; ".join(x for x in ("no divergence step in any task" if div_all_nan else
+                                     "no divergence step in these tasks", phi_reason) if x)
   perms = ctx.perms
   nulls = {
       "cos_u_neg_outer_grad": lambda i, j: align_mod.cos_mean(u[i], go[j]),
@@ -570,7 +621,7 @@ def alignment_stage(ctx: SplitContext) -> list[dict]:
     stat = np.median if "ratio" in m else np.mean
     extra = {"tie_rtol": tie} if m == "frac_outer_descent" else {}
     r.add("alignment", m, [a[m] for a in al], stat=stat,
-          undefined="no divergence step in any task" if m == "divergence_step" else None, **extra)
+          undefined=div_reason if m == "divergence_step" else None, **extra)
     row = r.rows[-1]
     if m in nulls and row["value"] is not None and perms.shape[0]:
       null = np.array([stat(np.array([nulls[m](i, int(p[i])) for i in range(ctx.b)]))
@@ -578,7 +629,7 @@ def alignment_stage(ctx: SplitContext) -> list[dict]:
       p = null_pvalue(row["value"], null[np.isfinite(null)], two_sided=True, centre=0.0)
       ci_excl = row["ci_low"] > 0 or row["ci_high"] < 0
       _mark(row, perm_name, p, bool(p < alpha and ci_excl))
-  r.add("alignment", "frac_diverged", [a["diverged"] for a in al])
+  r.add("alignment", "frac_diverged", [a["diverged"] for a in al], undefined=phi_reason)
   ctx.lap("alignment")
   return _new_rows(ctx, start)
 
