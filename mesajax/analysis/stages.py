@@ -253,9 +253,9 @@ def _profiled_identifiable(vfit, u, g, include, rows_t, names, train_ix, vif_max
 
 def _fit_null(vfit, u, g, include, rows_t, perms, valid_t=None):
   """The permutation null (task i's updates, or ū, with task perms[r, i]'s gradients), each draw
-  one call of the compiled program of the fit it is the null of. (Stacking the draws on the task axis compiled a second,
-  (r + 1)-times larger program per split shape — 3–5 s of XLA:CPU compilation each in the
-  quickstart — to save ~0.3 s of run time.)"""
+  one call of the compiled program of the fit it is the null of. (Stacking the draws on the task
+  axis compiled a second, (r + 1)-times larger program per split shape — 3–5 s of XLA:CPU
+  compilation each in the quickstart — to save ~0.3 s of run time.)"""
   if not perms.shape[0]:
     return None
   keep = ("w_norm", "r2_heldout", "r2_train_only_heldout", "vif_profiled")
