@@ -359,12 +359,11 @@ def _als(u_TxN, gs_TxKxN, free_K, fixed_K, rows_T, n_iter, fit_metric, ridge, w0
 
   def eta_of(w, m):
     g = comb(w).reshape(t, n)
-    mg = m[None, :] * g
-    return _step_scales(u_TxN, mg), mg, g
+    return _step_scales(u_TxN, m[None, :] * g), g
 
   def body(_, carry):
     w, m = carry
-    eta, _, g = eta_of(w, m)
+    eta, g = eta_of(w, m)
     if fit_metric:
       num = -jnp.sum(rows_T[:, None] * eta[:, None] * u_TxN * g, axis=0)
       den = jnp.sum(rows_T[:, None] * (eta[:, None] * g) ** 2, axis=0) + tiny
@@ -372,7 +371,7 @@ def _als(u_TxN, gs_TxKxN, free_K, fixed_K, rows_T, n_iter, fit_metric, ridge, w0
       m_new = jnp.maximum(m_new, 1e-3 * jnp.max(m_new))
       m_new = m_new / jnp.mean(m_new)
       m = jnp.where(jnp.all(jnp.isfinite(m_new)) & (jnp.max(m_new) > 0), m_new, m)
-      eta, _, _ = eta_of(w, m)
+      eta, _ = eta_of(w, m)
     s_f = (-(eta[:, None] * m[None, :])).reshape(t * n)               # x_k = s ⊙ g_k
     y = u_f - s_f * comb(fixed_K)                                      # u + η M g_fixed
     xtx = gram_w(s_f * s_f * r_f)
