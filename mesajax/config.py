@@ -126,7 +126,7 @@ def base_config() -> ml_collections.ConfigDict:
   c.analysis.num_fit_probes = 8  # Gaussian probes of the block metric fit above dense_max (>= 1)
   c.analysis.qs_matfree = True   # above qs_max_state: Krylov quasi-static reduction (else skipped)
   c.analysis.krylov_dim = 20     # Arnoldi/GMRES subspace size of that reduction, in [2, 1000]
-  c.analysis.point_batch_mb = 1024  # probe products above this (MiB): points one at a time (>= 1)
+  c.analysis.point_batch_mb = 256  # probe products above this (MiB): points one at a time (>= 1)
   c.analysis.fit_iters = 10      # ALS iterations of the objective fit (>= 1)
   c.analysis.fit_polish_steps = 30  # then Levenberg-Marquardt steps to its optimum (>= 0)
   c.analysis.fit_max_coords = 2048  # above this n the fit uses a random subset of coordinates
@@ -142,6 +142,7 @@ def base_config() -> ml_collections.ConfigDict:
   c.analysis.vif_max = 100.0     # largest variance inflation factor of an identifiable term (> 1)
   c.analysis.vif_profiled_max = 1e4  # the same with the fit's metric and step scales free (> 1)
   c.analysis.num_perms = 20      # permutation-null draws (0 disables the permutation null)
+  c.analysis.null_stop_early = True  # the fits' draws stop once the gain's test is decided
   c.analysis.alpha = 0.05        # level of every null test, in (0, 1)
   c.analysis.stationary_tol = 1e-3  # endpoint gate: |u_end| / max_t |u_t| at most this (> 0)
   c.analysis.tie_rtol = 1e-6     # relative tolerance of loss ties in frac_outer_descent (>= 0)
@@ -626,7 +627,7 @@ def check_analysis(d):
         v <= low if low_open else v < low) or (v >= high if high_open else v > high):
       raise ValueError(f"config.analysis.{key} must be a number in {'(' if low_open else '['}"
                        f"{low}, {high}{')' if high_open else ']'}, got {v!r}")
-  for key in ("spd_on_qs", "qs_matfree"):
+  for key in ("spd_on_qs", "qs_matfree", "null_stop_early"):
     if not isinstance(a[key], bool):
       raise ValueError(f"config.analysis.{key} must be true or false, got {a[key]!r}")
   for key in ("controls", "control_splits"):

@@ -279,8 +279,8 @@ def test_qs_weights_are_tested_against_the_qs_fit_s_own_permutation_null():
   task's gradients), as the main fit does: a sign flip of per-task weights is not calibrated
   when tasks share structure. Known answer through the driver: qs:w:l2 = λ."""
   opt = WeightDecayMomentum()
-  rows = suite.run_analyses(opt, opt.init_phi(), "wd_momentum", _splits(dim=8), _acfg(),
-                            seed=0, stages=("objective_fit",))
+  rows = suite.run_analyses(opt, opt.init_phi(), "wd_momentum", _splits(dim=8),
+                            _acfg(null_stop_early=False), seed=0, stages=("objective_fit",))
   w = _by(rows, "objective_fit", "qs:w:l2")
   np.testing.assert_allclose(w["value"], 0.1, rtol=1e-6)
   for metric in ("qs:w:l2", "qs:r2_gain_heldout_steps"):
@@ -290,3 +290,85 @@ def test_qs_weights_are_tested_against_the_qs_fit_s_own_permutation_null():
   assert _by(rows, "objective_fit", "qs:w:l2")["requires"] == \
       "qs:r2_gain_heldout_steps clears its null"
   _no_silent_none(rows)
+
+
+def test_the_fits_null_draws_stop_once_the_gain_cannot_clear_with_the_same_decisions():
+  """Sequential permutation null (Besag & Clifford 1991): the fit's draws stop once the gain's
+  test is decided against it, so every row's decision is the one all the draws give, the gain's
+  p-value is the sequential one, and the rows say how many draws were made."""
+  opt = SGD(learning_rate=0.3)  # gain 0 exactly (GD descends the training loss): cannot clear
+  run = lambda stop: suite.run_analyses(opt, {"log_lr": jnp.log(0.3)}, "sgd", _splits(),
+                                        _acfg(num_perms=20, null_stop_early=stop), seed=0,
+                                        stages=("objective_fit",))
+  seq, full = run(True), run(False)
+  assert [r["metric"] for r in seq] == [r["metric"] for r in full]
+  for a, b in zip(seq, full):
+    assert a.get("clears_null") == b.get("clears_null"), a["metric"]
+    assert a["value"] == b["value"], a["metric"]  # the real fit is the same computation
+  gain_s = _by(seq, "objective_fit", "r2_gain_heldout_steps")
+  gain_f = _by(full, "objective_fit", "r2_gain_heldout_steps")
+  made = int(re.search(r"\(stopped after (\d+) of 20 draws, 1 with a gain at least the "
+                       r"observed: the gain cannot clear; sequential p-value\)$",
+                       gain_s["null"]).group(1))
+  assert made < 20
+  assert gain_f["null"].endswith("(20 draws)") and gain_s["null_q95"] is None
+  # max(h / L, (1 + h) / 21): never below what one such draw among all 20 gives.
+  assert gain_s["p_value"] == pytest.approx(max(1 / made, 2 / 21))
+  assert gain_f["p_value"] >= 2 / 21 and gain_s["clears_null"] is False
+  w = [r for r in seq if r["metric"].startswith("w:") and r.get("p_value") is not None]
+  assert w and all(r["null"].startswith(f"permutation: updates paired with another task's "
+                                        f"gradients (stopped after {made} of 20 draws")
+                   for r in w)
+
+
+@pytest.mark.parametrize("n_perm", [5, 19, 20, 39, 59, 100, 199])
+def test_sequential_stopping_gives_the_decision_of_all_the_draws(n_perm):
+  """For any number of draws and level: after ``stop_hits`` draws at least as large the test
+  with all of them cannot clear, while with one fewer it still could; the sequential p-value
+  max(h/L, (1+h)/(1+R)) is then at least alpha. Checked on random draw sequences."""
+  from mesajax.analysis import stages
+  rng = np.random.default_rng(n_perm)
+  for alpha in (0.01, 0.05, 0.1):
+    h = stages.stop_hits(n_perm, alpha)
+    assert (1 + h) / (1 + n_perm) >= alpha
+    assert h == 1 or h / (1 + n_perm) < alpha  # h − 1 such draws could still clear
+    for _ in range(200):
+      obs, draws = rng.normal(), rng.normal(size=n_perm) - rng.uniform(0, 3)
+      full = (1 + np.sum(draws >= obs)) / (1 + n_perm)
+      hits = np.cumsum(draws >= obs)
+      if hits[-1] < h:  # never stopped: the sequential test is the full one
+        continue
+      made = int(np.argmax(hits >= h)) + 1
+      null = {"stopped": True, "hits": h, "n_perm": n_perm}
+      p_seq = stages._gain_pvalue(obs, draws[:made], null)
+      assert p_seq >= alpha and full >= alpha
+
+
+def test_points_one_at_a_time_give_the_rows_of_the_vmapped_points(monkeypatch):
+  """Above ``point_batch_mb`` the points run one at a time (``jax.lax.map``) instead of vmapped:
+  the same estimators on the same probes, so the same rows up to round-off."""
+  from mesajax.analysis import context
+  modes = []
+  real = context._points_fn
+
+  def spy(*args):
+    modes.append(args[7])  # ``sequential``
+    return real(*args)
+
+  monkeypatch.setattr(context, "_points_fn", spy)
+  opt = SGDM(learning_rate=0.05, momentum=0.9)
+  # n = 256 with probes (dense_max = 1): ~1.3 MiB of probe products, above 1 MiB.
+  run = lambda mb: suite.run_analyses(opt, opt.init_phi(), "sgdm", _splits(dim=256),
+                                      _acfg(dense_max=1, point_batch_mb=mb), seed=0,
+                                      stages=("nci",))
+  vmapped, one_by_one = run(256), run(1)
+  assert modes == [False, True]
+  assert [r["metric"] for r in vmapped] == [r["metric"] for r in one_by_one]
+  compared = 0
+  for a, b in zip(vmapped, one_by_one):
+    if a["value"] is None:
+      assert b["value"] is None and a.get("undefined") == b.get("undefined")
+      continue
+    np.testing.assert_allclose(b["value"], a["value"], rtol=1e-9, atol=1e-12, err_msg=a["metric"])
+    compared += 1
+  assert compared >= 10 and any(r["metric"] == "qs:nci" for r in vmapped)

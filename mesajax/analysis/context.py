@@ -216,7 +216,8 @@ class SplitContext:
     f = rng.standard_normal((b, p_num, k_fit, n))
     segments = tuple(int(np.size(x)) for x in jax.tree.leaves(self.params_like))
     krylov = int(self.knob("krylov_dim")) if self.qs_matfree else 0
-    # Every point at once unless its probe products would exceed point_batch_mb (float64).
+    # Every point at once unless its probe products would exceed point_batch_mb (float64): past
+    # the caches one point at a time is also faster (docs/analyses.md, "Scaling to 10⁵ parameters").
     jvps = 2 * k_pr + 1 + k_fit * (2 * len(segments) + 1)
     sequential = (probed and b * p_num * jvps * n * 8 * (2 if self.use_qs else 1)
                   > float(self.knob("point_batch_mb")) * 2 ** 20)

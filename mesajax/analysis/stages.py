@@ -251,19 +251,84 @@ def _profiled_identifiable(vfit, u, g, include, rows_t, names, train_ix, vif_max
     include[worst] = False
 
 
-def _fit_null(vfit, u, g, include, rows_t, perms, valid_t=None):
+def stop_hits(n_perm: int, alpha: float) -> int:
+  """The fewest draws at least as extreme as the observed statistic that decide a permutation test
+  of ``n_perm`` draws at level ``alpha`` against it: p = (1 + G) / (1 + n_perm) ≥ alpha for every
+  G ≥ this (1 for 20 draws at 0.05)."""
+  return max(1, math.ceil(alpha * (1 + n_perm) - 1 - 1e-9))
+
+
+def _fit_null(vfit, u, g, include, rows_t, perms, valid_t=None, observed=None, alpha=None):
   """The permutation null (task i's updates, or ū, with task perms[r, i]'s gradients), each draw
   one call of the compiled program of the fit it is the null of. (Stacking the draws on the task
   axis compiled a second, (r + 1)-times larger program per split shape — 3–5 s of XLA:CPU
-  compilation each in the quickstart — to save ~0.3 s of run time.)"""
+  compilation each in the quickstart — to save ~0.3 s of run time.)
+
+  Sequential (Besag & Clifford 1991, "Sequential Monte Carlo p-values", Biometrika 78), when
+  ``alpha`` is given: the draws stop as soon as h = ``stop_hits(R, alpha)`` of them have a
+  task-mean held-out gain at least ``observed`` (the real fit's; a non-finite one counts every
+  draw). With h such draws among all R the gain's p-value (1 + G) / (1 + R) could not fall below
+  alpha, so the gain cannot clear, nor can any weight test that requires it: every decision is the
+  one all R draws would give, and a gain that clears still gets all R. Returns the stacked draws
+  plus ``hits`` and ``stopped`` (``_gain_pvalue`` gives the stopped test's p-value)."""
   if not perms.shape[0]:
     return None
   keep = ("w_norm", "r2_heldout", "r2_train_only_heldout", "vif_profiled")
   inc, rows = jnp.asarray(include), jnp.asarray(rows_t)
   valid = jnp.ones_like(rows) if valid_t is None else jnp.asarray(valid_t)
-  draws = [jax.tree.map(np.asarray, vfit(jnp.asarray(u), jnp.asarray(g[p]), inc, rows, valid))
-           for p in perms]
-  return {k: np.stack([d[k] for d in draws]) for k in keep}
+  ua = jnp.asarray(u)
+  h = None if alpha is None else stop_hits(perms.shape[0], alpha)
+  draws, hits = [], 0
+  for p in perms:
+    d = jax.tree.map(np.asarray, vfit(ua, jnp.asarray(g[p]), inc, rows, valid))
+    draws.append(d)
+    if h is not None:
+      ng = float(_draw_gains(d))
+      hits += int(not np.isfinite(observed) or (np.isfinite(ng) and ng >= observed))
+      if hits >= h:
+        break
+  out = {k: np.stack([d[k] for d in draws]) for k in keep}
+  out["hits"], out["stopped"], out["n_perm"] = hits, bool(h is not None and hits >= h), len(perms)
+  return out
+
+
+def _draw_gains(draws):
+  """The task-mean held-out gain of each permutation draw (of one draw's [B] rows: a scalar)."""
+  with warnings.catch_warnings():
+    warnings.simplefilter("ignore", RuntimeWarning)  # a draw with no finite gain stays NaN
+    return np.nanmean(draws["r2_heldout"] - draws["r2_train_only_heldout"], axis=-1)
+
+
+def _gain_pvalue(observed: float, ng, null) -> float:
+  """The gain's p-value against its draws ``ng``: (1 + G) / (1 + R) over all R draws, or, for
+  draws stopped after h at least as large among L (``_fit_null``), max(h / L, (1 + h) / (1 + R)):
+  Besag & Clifford's sequential p-value, raised where needed to the least that h such draws
+  among all R would give (so it is ≥ alpha exactly when the test with all R fails; both valid)."""
+  if not null["stopped"]:
+    return null_pvalue(observed, ng, two_sided=False)
+  h = null["hits"]
+  return max(h / ng.size, (1 + h) / (1 + null["n_perm"]))
+
+
+def _stop_alpha(ctx):
+  """The level the fits' permutation draws stop at (``null_stop_early``), or None (all draws)."""
+  return float(ctx.knob("alpha")) if ctx.knob("null_stop_early") else None
+
+
+def _observed_gain(fit) -> float:
+  """The task-mean held-out gain of a fit (the gain row's value; NaN when no task has one)."""
+  gain = np.asarray(fit["r2_heldout"] - fit["r2_train_only_heldout"], np.float64)
+  gain = gain[np.isfinite(gain)]
+  return float(np.mean(gain)) if gain.size else float("nan")
+
+
+def _perm_name(what: str, null, n_perm: int) -> str:
+  """The ``null`` string of a permutation-tested row: how many draws, and why fewer."""
+  if null is None or not null["stopped"]:
+    return f"permutation: {what} ({n_perm} draws)"
+  n = null["r2_heldout"].shape[0]
+  return (f"permutation: {what} (stopped after {n} of {n_perm} draws, {null['hits']} with a "
+          f"gain at least the observed: the gain cannot clear; sequential p-value)")
 
 
 def _identifiable_w(w_B, vif_B, vif_max: float):
@@ -344,7 +409,8 @@ def fit_results(ctx: SplitContext) -> dict:
     real, include, not_ident = _profiled_identifiable(
         vfit, u, g, include, rows_t, names, ctx.train_ix, float(ctx.knob("vif_profiled_max")))
     excluded.update(not_ident)
-    null = _fit_null(vfit, u, g, include, rows_t, ctx.perms)
+    null = _fit_null(vfit, u, g, include, rows_t, ctx.perms, observed=_observed_gain(real),
+                     alpha=_stop_alpha(ctx))
   ht_r2, ht_r2_0 = objective_fit.heldout_task_r2(u, g, real["w_norm"], real["metric"], include,
                                                  ctx.train_ix, real["metric_train_only"])
   out = {"fit": real, "null": null, "include": include, "excluded": excluded, "rows": rows_t,
@@ -381,7 +447,9 @@ def fit_results(ctx: SplitContext) -> dict:
       # sign flip of the per-task weights is not calibrated here (tasks share structure that
       # gives every task the same nonzero weight; the untrained initialisation cleared it in up
       # to a third of its rows).
-      out["qs_null"] = _fit_null(vfit_q, q_u, q_g, include, rows_q, ctx.perms, valid)
+      out["qs_null"] = _fit_null(vfit_q, q_u, q_g, include, rows_q, ctx.perms, valid,
+                                 observed=_observed_gain(out["qs_fit"]),
+                                 alpha=_stop_alpha(ctx))
   ctx.cache["fit"] = out
   ctx.lap("objective_fit")
   return out
@@ -394,9 +462,11 @@ def _test_gain(row, gain_B, null, perm_name, alpha, seed) -> bool:
   if row["value"] is None:
     return False
   if null is not None:
-    ng = np.nanmean(null["r2_heldout"] - null["r2_train_only_heldout"], axis=1)
-    p = null_pvalue(row["value"], ng, two_sided=False)
-    row["null_q95"] = float(np.nanquantile(ng, 0.95)) if np.any(np.isfinite(ng)) else None
+    ng = _draw_gains(null)
+    p = _gain_pvalue(row["value"], ng, null)
+    # The 95% quantile of the draws, when all were made (a few stopped draws do not give one).
+    row["null_q95"] = (float(np.nanquantile(ng, 0.95)) if np.any(np.isfinite(ng))
+                       and not null["stopped"] else None)
     clears = bool(p < alpha and row["ci_low"] > 0)
     _mark(row, perm_name, p, clears)
     return clears
@@ -433,7 +503,7 @@ def objective_fit_stage(ctx: SplitContext) -> list[dict]:
   f = fit_results(ctx)
   fit, null, include, excluded = f["fit"], f["null"], f["include"], f["excluded"]
   n_perm = 0 if null is None else int(ctx.perms.shape[0])
-  perm_name = f"permutation: updates paired with another task's gradients ({n_perm} draws)"
+  perm_name = _perm_name("updates paired with another task's gradients", null, n_perm)
   common = {"heldout_steps": f"last {ctx.t_len - f['n_fit']} of {ctx.t_len}",
             "fit_coords": f["coords"]}
 
@@ -487,7 +557,7 @@ def objective_fit_stage(ctx: SplitContext) -> list[dict]:
   if "qs_fit" in f:
     q, q_null = f["qs_fit"], f["qs_null"]
     qgain = q["r2_heldout"] - q["r2_train_only_heldout"]
-    q_perm = f"permutation: ū paired with another task's gradients ({n_perm} draws)"
+    q_perm = _perm_name("ū paired with another task's gradients", q_null, n_perm)
     r.add("objective_fit", "qs:r2_heldout_steps", q["r2_heldout"])
     r.add("objective_fit", "qs:r2_gain_heldout_steps", qgain)
     q_clears = _test_gain(r.rows[-1], qgain, q_null, q_perm, alpha,

@@ -11,7 +11,8 @@ acting), the endpoint fit (stationarity-gated), alignment and hidden-state probe
 
 Nulls in the same run (rows carry ``null``, ``p_value``, ``clears_null``; ``docs/analyses.md``):
 
-* permutation nulls inside the fits and alignment (``num_perms`` task derangements, vmapped);
+* permutation nulls inside the fits and alignment (``num_perms`` task derangements; the fits'
+  draws stop once the gain's test is decided, ``null_stop_early``);
 * ``null_phi``: the untrained learned optimizer (initial φ), analysed on the same tasks under
   ``<opt_name>@init`` (``role="null:init"``), with paired-difference rows (analysis ``paired``,
   ``baseline=<opt_name>@init``);
@@ -54,7 +55,7 @@ DEFAULTS = {
     "num_fit_probes": 8,        # Gaussian probes of the block metric fit when n > dense_max (>= 1)
     "qs_matfree": True,         # above qs_max_state: Krylov quasi-static reduction (else undefined)
     "krylov_dim": 20,           # Arnoldi / GMRES subspace size of the matrix-free reduction (>= 2)
-    "point_batch_mb": 1024,     # above this many MiB of probe products, points run one at a time
+    "point_batch_mb": 256,      # above this many MiB of probe products, points run one at a time
     "fit_iters": 10,            # ALS iterations of the objective fit (>= 1)
     "fit_polish_steps": 30,     # then Levenberg-Marquardt steps to the optimum (>= 0)
     "fit_max_coords": 2048,     # above this many parameters the fit uses a random coordinate subset
@@ -62,6 +63,7 @@ DEFAULTS = {
     "vif_max": 100.0,           # largest variance inflation factor of an identifiable term (> 1)
     "vif_profiled_max": 1e4,    # the same with the metric and step scales profiled out (> 1)
     "num_perms": 20,            # permutation-null draws (>= 0; 0 disables)
+    "null_stop_early": True,    # the fits' draws stop once the gain's test is decided (bool)
     "alpha": 0.05,              # level of every null test (0 < x < 1)
     "stationary_tol": 1e-3,     # endpoint gate: ‖u_end‖ / max_t‖u_t‖ at most this (> 0)
     "tie_rtol": 1e-6,           # relative tolerance of loss ties in frac_outer_descent (>= 0)
