@@ -11,6 +11,7 @@ from mesajax.analysis import quasi_static as qs
 from mesajax.optimizers.base import make_context
 from mesajax.optimizers.baselines import Adam
 from mesajax.optimizers.mlp_lopt import MLPLOpt
+from mesajax.optimizers.rnn_lopt import RNNLOpt
 from mesajax.splits import Split
 from mesajax.tasks.quadratic import Quadratic
 
@@ -91,6 +92,8 @@ def _qs_setup(opt, seed=0):
 @pytest.mark.parametrize("opt", [Adam(learning_rate=0.01, b1=0.8, b2=0.95), MLPLOpt()],
                          ids=["adam", "mlp_lopt"])
 def test_newton_krylov_and_implicit_tangent_match_dense(opt):
+  """Newton–Krylov, Arnoldi and the implicit tangents (from 0, and from ``krylov_start``: here
+  the division by the diagonal of these elementwise state maps) against the dense solver."""
   with jax.enable_x64(True):
     fam, task, params, phi, state, ctx, sm = _qs_setup(opt)
     g = ravel_pytree(jax.grad(fam.train_loss_full)(params, task))[0]
@@ -112,9 +115,10 @@ def test_newton_krylov_and_implicit_tangent_match_dense(opt):
       f_pl = lambda gg: matfree.implicit_fixed_point(sm.F, s_mf, (gg,) + args[1:], shift, 16,
                                                      poly)
       return (s_mf, sm.u(s_mf, args), h, jax.jvp(f_mf, (g,), (dg,))[1],
-              jax.jvp(f_pl, (g,), (dg,))[1])
+              jax.jvp(f_pl, (g,), (dg,))[1], poly[3])
 
-    s_mf, u_mf, h, t_mf, t_pl = matrix_free(g)
+    s_mf, u_mf, h, t_mf, t_pl, flag = matrix_free(g)
+    assert bool(flag)
     np.testing.assert_allclose(s_mf, dense["s_star"], rtol=1e-8, atol=1e-12)
     np.testing.assert_allclose(u_mf, dense["u_bar"], rtol=1e-7, atol=1e-12)
     # Memory: Arnoldi magnitudes = the dense eigenvalue magnitudes (distinct, largest first).
@@ -160,6 +164,44 @@ def test_gmres_polynomial_inverts_other_right_hand_sides():
     x0 = matfree.apply_polynomial(lambda v: a @ v, pa, bb)
     np.testing.assert_allclose(matfree.gmres(lambda v: a @ v, bb, m=10, restarts=4, x0=x0),
                                np.linalg.solve(np.asarray(a), np.asarray(bb)), rtol=1e-8)
+
+
+def test_krylov_start_divides_by_a_diagonal_and_applies_the_polynomial_otherwise():
+  """``is_diagonal`` flags the shifted state map of six decays up to 0.9999 (diagonal, its 1 − β
+  rounded differently in A v and A 1) and no coupled map, even one with off-diagonal entries of
+  1e-6; ``krylov_start`` is then b ⊘ (A 1) from one matvec under ``jit`` (its other branch does
+  not run), and p(A) b otherwise (also the recurrent optimizer's coupled hidden-state map)."""
+  rng = np.random.default_rng(5)
+  calls = []
+  with jax.enable_x64(True):
+    betas = jnp.asarray(np.repeat([0.1, 0.5, 0.9, 0.99, 0.999, 0.9999], 300))
+
+    def mv(v):
+      jax.debug.callback(lambda: calls.append(1))
+      return v - betas * v + 1e-6 * v
+
+    b0 = jnp.asarray(rng.standard_normal(1800))
+    poly = jax.jit(lambda b: matfree.gmres_polynomial(mv, b, m=12))(b0)
+    assert bool(poly[3])
+    b = jnp.asarray(rng.standard_normal(1800))
+    calls.clear()
+    x = jax.jit(lambda b, p: matfree.krylov_start(mv, p, b))(b, poly)
+    jax.effects_barrier()
+    assert len(calls) == 1
+    np.testing.assert_allclose(x, b / (1 - betas + 1e-6), rtol=1e-11)
+    for eps in (0.2, 1e-6):
+      a = jnp.diag(jnp.asarray(rng.uniform(0.5, 2.0, 40))) + eps * jnp.asarray(
+          rng.standard_normal((40, 40)))
+      pa = matfree.gmres_polynomial(lambda v: a @ v, jnp.asarray(rng.standard_normal(40)), m=6)
+      assert not bool(pa[3])
+      bb = jnp.asarray(rng.standard_normal(40))
+      np.testing.assert_allclose(matfree.krylov_start(lambda v: a @ v, pa, bb),
+                                 matfree.apply_polynomial(lambda v: a @ v, pa, bb), rtol=1e-12)
+    fam, task, params, phi, state, ctx, sm = _qs_setup(RNNLOpt())
+    g = ravel_pytree(jax.grad(fam.train_loss_full)(params, task))[0]
+    s0, others = sm.split(state)
+    op = matfree._shifted(sm.F, s0, (g, params, phi, ctx, others), qs._reg(g.dtype))
+    assert not bool(matfree.is_diagonal(op, jnp.asarray(rng.standard_normal(s0.shape[0]))))
 
 
 def test_block_metric_probes_match_dense():

@@ -170,17 +170,22 @@ def _points_fn(opt, family, dense, want_jac, sm, segments=(), krylov=0, sequenti
         s0, others = sm.split(state)
         args = (g, params, phi, ctx, others)
         shift = qs._reg(g.dtype)
-        s_star = matfree.newton_krylov(sm.F, s0, args, shift, m=krylov)
+        start = jax.random.normal(jax.random.PRNGKey(0), s0.shape, s0.dtype)
+        # One start per point for every solve there (``matfree.krylov_start``: the division by
+        # the diagonal where ∂F/∂s is diagonal, else a GMRES polynomial: ~m cheap matvecs instead
+        # of a Krylov process re-reading its basis; GMRES then checks the residual and corrects).
+        # Built at the trajectory's state for the Newton steps, then, unless the operator is
+        # diagonal, again at s* for the tangents (the operator there is frozen).
+        poly0 = matfree.fixed_point_polynomial(sm.F, s0, args, shift, start, krylov)
+        s_star = matfree.newton_krylov(sm.F, s0, args, shift, m=krylov, poly=poly0)
         ub = sm.u(s_star, args)
         res = jnp.linalg.norm(sm.F(s_star, args) - s_star) / jnp.maximum(
             jnp.linalg.norm(s_star), 1e-30)
         _, jf = jax.linearize(lambda x: sm.F(x, args), s_star)
-        start = jax.random.normal(jax.random.PRNGKey(0), s_star.shape, s_star.dtype)
         out["state_hess"] = matfree.arnoldi(jf, start, krylov)[0]
-        # One GMRES polynomial of the frozen operator per point starts every tangent's solve
-        # (~m cheap matvecs instead of a Krylov process re-reading its basis; GMRES then checks
-        # the residual and corrects if the polynomial falls short).
-        poly = matfree.fixed_point_polynomial(sm.F, s_star, args, shift, start, krylov)
+        poly = jax.lax.cond(
+            poly0[3], lambda _: poly0,
+            lambda _: matfree.fixed_point_polynomial(sm.F, s_star, args, shift, start, krylov), None)
 
         def state_fn(grads, p_, c_):
           a = (ravel_pytree(grads)[0], p_, phi, c_, others)
