@@ -223,9 +223,13 @@ def gmres_polynomial(matvec: Callable, b0_N: Array, m: int = 20) -> tuple:
   ``diagonal`` (``is_diagonal`` on b₀): A is diagonal to GMRES's tolerance, and ``krylov_start``
   divides by its diagonal instead of applying p.
   """
-  _, _, poly = _gmres_cycle(matvec, b0_N, jnp.zeros_like(b0_N), m,
-                            _gmres_rtol(b0_N.dtype) * jnp.linalg.norm(b0_N))
-  return poly + (is_diagonal(matvec, b0_N),)
+  return _polynomial(matvec, b0_N, m) + (is_diagonal(matvec, b0_N),)
+
+
+def _polynomial(matvec: Callable, b0_N: Array, m: int) -> tuple[Array, Array, Array]:
+  """(H, y, β₀) of one GMRES(m) cycle on b₀ from 0 (``gmres_polynomial``)."""
+  return _gmres_cycle(matvec, b0_N, jnp.zeros_like(b0_N), m,
+                      _gmres_rtol(b0_N.dtype) * jnp.linalg.norm(b0_N))[2]
 
 
 def is_diagonal(matvec: Callable, v_N: Array) -> Array:
@@ -348,8 +352,7 @@ def fixed_point_polynomial(F: Callable, s_bar: Array, args, shift: float, b0: Ar
   on CPU, is skipped under ``lax.cond``; H and y are zeros) since ``krylov_start`` divides."""
   op = _shifted(F, s_bar, args, shift)
   diagonal = is_diagonal(op, b0)
-  build = lambda _: _gmres_cycle(op, b0, jnp.zeros_like(b0), m,
-                                 _gmres_rtol(b0.dtype) * jnp.linalg.norm(b0))[2]
+  build = lambda _: _polynomial(op, b0, m)
   skip = lambda _: jax.tree.map(lambda x: jnp.zeros(x.shape, x.dtype), jax.eval_shape(build, None))
   return jax.lax.cond(diagonal, skip, build, None) + (diagonal,)
 
